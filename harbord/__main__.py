@@ -1,0 +1,5 @@
+import sys
+
+from harbord.daemon import main
+
+sys.exit(main())

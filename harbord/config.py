@@ -1,0 +1,411 @@
+"""Configuration: defaults, an optional TOML file, environment and flags.
+
+Precedence is flag > environment > file > default, and every effective value
+remembers where it came from (`Config.sources`), so `--check-config` can say.
+Errors name the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from harbord.schemas import BackendKind, Intent
+
+# Names that end up in unit names, URLs and file paths: keep them boring.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Ollama model names: [host/][namespace/]model[:tag]
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,199}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the user who has to fix it."""
+
+
+class Seconds(float):
+    """A duration: a number of seconds or a string such as "500ms", "30s", "5m", "24h"."""
+
+
+class ByteSize(int):
+    """A size: a number of bytes or a string such as "512MiB", "8GiB", "7.5GB"."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value: object) -> Seconds:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30 or \"30s\", \"5m\", \"24h\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("expected a duration >= 0")
+        return Seconds(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if match:
+            return Seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
+    raise ValueError(f"expected a duration such as 30 or \"30s\", \"5m\", \"24h\", got {value!r}")
+
+
+def parse_size(value: object) -> ByteSize:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return ByteSize(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return ByteSize(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
+    raise ValueError(f"expected a size such as 8589934592 or \"8GiB\", got {value!r}")
+
+
+def _dec_hook(tp: type, obj: object) -> object:
+    if tp is Seconds:
+        return parse_duration(obj)
+    if tp is ByteSize:
+        return parse_size(obj)
+    raise NotImplementedError
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, Seconds):
+        return float(obj)
+    if isinstance(obj, ByteSize):
+        return int(obj)
+    raise NotImplementedError(type(obj))
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str
+    kind: BackendKind
+    unit: str = ""
+    connect_timeout: Seconds = Seconds(3)
+    # A cold model load can take minutes (Ollama's own OLLAMA_LOAD_TIMEOUT is 5m);
+    # a hung backend is caught by the prober, not by this timeout.
+    first_byte_timeout: Seconds = Seconds(600)
+    idle_timeout: Seconds = Seconds(300)
+    max_model_size: ByteSize | None = None
+    vram: ByteSize | None = None
+    max_concurrency: int = 0  # 0: no limit
+    max_queue: int = 64
+    queue_timeout: Seconds = Seconds(30)
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+/?$", self.url):
+            raise ValueError(f"url: expected http://host:port, got {self.url!r}")
+        self.url = self.url.rstrip("/")
+        if self.max_concurrency < 0 or self.max_queue < 0:
+            raise ValueError("max_concurrency and max_queue must be >= 0")
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The largest model that fits, from the model-size limit or the VRAM size."""
+        limits = [x for x in (self.max_model_size, self.vram) if x]
+        return min(limits) if limits else None
+
+
+class ModelRule(msgspec.Struct, forbid_unknown_fields=True):
+    intent: Intent | None = None
+    pin: str | None = None
+
+
+class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    default_intent: Intent = "fast"
+    oom_pin_for: Seconds = Seconds(24 * 3600)
+    probe_interval: Seconds = Seconds(5)
+    probe_interval_down: Seconds = Seconds(1)
+    probe_timeout: Seconds = Seconds(2)
+    inventory_interval: Seconds = Seconds(30)
+    # Consecutive timed-out probes after which a backend counts as hung.
+    hung_after_probes: int = 3
+
+
+class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+    keep_running: bool = False
+    restart_budget: int = 5
+    budget_window: Seconds = Seconds(600)
+    backoff_initial: Seconds = Seconds(2)
+    backoff_max: Seconds = Seconds(120)
+    warm_after_restart: bool = True
+    poll_interval: Seconds = Seconds(5)
+
+
+class TcpConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = ""  # host:port; empty = no TCP listener
+    token_file: str = ""
+
+
+class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
+    socket: str | None = None
+    state_dir: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_bodies: bool = False
+    allow_root: bool = True
+    max_body_size: ByteSize = ByteSize(64 * 1024**2)
+    drain_timeout: Seconds = Seconds(30)
+    client_timeout: Seconds = Seconds(60)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    tcp: TcpConfig = msgspec.field(default_factory=TcpConfig)
+    backends: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class Config:
+    """The effective configuration."""
+
+    socket: Path
+    state_dir: Path
+    log_level: str
+    log_bodies: bool
+    allow_root: bool
+    max_body_size: int
+    drain_timeout: float
+    client_timeout: float
+    routing: RoutingConfig
+    supervisor: SupervisorConfig
+    tcp: TcpConfig
+    backends: dict[str, BackendConfig]
+    models: dict[str, ModelRule]
+    path: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def backend_names(self) -> list[str]:
+        return list(self.backends)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration as plain data, for --check-config."""
+        values = {
+            "socket": str(self.socket),
+            "state_dir": str(self.state_dir),
+            "log_level": self.log_level,
+            "log_bodies": self.log_bodies,
+            "allow_root": self.allow_root,
+            "max_body_size": self.max_body_size,
+            "drain_timeout": self.drain_timeout,
+            "client_timeout": self.client_timeout,
+            "routing": self.routing,
+            "supervisor": self.supervisor,
+            "tcp": self.tcp,
+            "backends": self.backends,
+            "models": self.models,
+        }
+        result: dict[str, Any] = msgspec.to_builtins(values, enc_hook=_enc_hook)
+        return result
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values given on the command line; None means not given."""
+
+    config: str | None = None
+    socket: str | None = None
+    state_dir: str | None = None
+    log_level: str | None = None
+    gpu_url: str | None = None
+    cpu_url: str | None = None
+
+
+def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
+    value = env.get(var)
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path(env.get("HOME") or os.path.expanduser("~")) / fallback
+
+
+def runtime_dir(env: Mapping[str, str]) -> Path:
+    value = env.get("XDG_RUNTIME_DIR")
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path(f"/run/user/{os.getuid()}")
+
+
+def default_socket(env: Mapping[str, str]) -> Path:
+    return Path(env["HARBOR_SOCKET"]) if env.get("HARBOR_SOCKET") else runtime_dir(env) / "harbor.sock"
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    return _xdg(env, "XDG_CONFIG_HOME", ".config") / "harbor" / "harbord.toml"
+
+
+def default_backends() -> dict[str, dict[str, Any]]:
+    user = _user()
+    return {
+        "gpu": {"url": "http://127.0.0.1:11434", "kind": "gpu", "unit": f"ollama-gpu@{user}.service"},
+        "cpu": {"url": "http://127.0.0.1:11435", "kind": "cpu", "unit": f"ollama-cpu@{user}.service"},
+    }
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry and no $USER: fall back to the uid
+        return str(os.getuid())
+
+
+def _validation_message(err: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
+    """Split msgspec's "<what> - at `$.a.b`" into (key, what)."""
+    text = str(err)
+    match = re.search(r" - at `\$(.*)`$", text)
+    what = text[: match.start()] if match else text
+    path = match.group(1).lstrip(".") if match else ""
+    key = ".".join(x for x in (prefix, path) if x)
+    field_match = re.match(r"Object contains unknown field `(.+)`", what)
+    if field_match:
+        key = ".".join(x for x in (key, field_match.group(1)) if x)
+        what = "unknown key"
+    elif what.startswith("Object missing required field"):
+        missing = what.split("`")[1]
+        key = ".".join(x for x in (key, missing) if x)
+        what = "required key is missing"
+    return key, what
+
+
+def _convert(raw: object, tp: type[Any], where: str, prefix: str) -> Any:
+    try:
+        return msgspec.convert(raw, tp, dec_hook=_dec_hook)
+    except msgspec.ValidationError as err:
+        key, what = _validation_message(err, prefix)
+        raise ConfigError(f"{where}: key '{key}': {what}") from None
+
+
+def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration. Raises ConfigError."""
+    overrides = overrides or Overrides()
+    env = os.environ if env is None else env
+    sources: dict[str, str] = {}
+
+    path: Path | None
+    explicit = overrides.config or env.get("HARBOR_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{path}: configuration file not found")
+    else:
+        path = default_config_path(env)
+        if not path.is_file():
+            path = None
+
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+    file_cfg: FileConfig = _convert(raw, FileConfig, where, "")
+    for key in raw:
+        if not isinstance(raw[key], dict):
+            sources[key] = f"file {path}"
+
+    # Backends: the file's table replaces the defaults, but entries named like a
+    # default backend inherit its url, kind and unit.
+    defaults = default_backends()
+    backend_raw = file_cfg.backends or defaults
+    backends: dict[str, BackendConfig] = {}
+    for name, table in backend_raw.items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{where}: key 'backends.{name}': backend names are letters, digits, '_', '.', '-'")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: key 'backends.{name}': expected a table")
+        merged = {**defaults.get(name, {}), **table}
+        merged.setdefault("unit", f"ollama-{name}@{_user()}.service")
+        backends[name] = _convert(merged, BackendConfig, where, f"backends.{name}")
+        from_file = bool(file_cfg.backends) and "url" in table
+        sources[f"backends.{name}.url"] = f"file {path}" if from_file else "default"
+    if not backends:
+        raise ConfigError(f"{where}: key 'backends': at least one backend is needed")
+
+    models: dict[str, ModelRule] = {}
+    for model, table in file_cfg.models.items():
+        rule: ModelRule = _convert(table, ModelRule, where, f'models."{model}"')
+        if rule.pin is not None and rule.pin not in backends:
+            raise ConfigError(
+                f"{where}: key 'models.\"{model}\".pin': expected one of {sorted(backends)}, got {rule.pin!r}"
+            )
+        models[model] = rule
+
+    # Environment, then flags, over the file.
+    def url_override(name: str, env_var: str, flag: str | None) -> None:
+        value, source = (flag, f"flag --{name}-url") if flag else (env.get(env_var), f"env {env_var}")
+        if not value:
+            return
+        target = name if name in backends else next((n for n, b in backends.items() if b.kind == name), None)
+        if target is None:
+            raise ConfigError(f"{source}: no backend named or of kind {name!r} to apply it to")
+        updated = {**msgspec.to_builtins(backends[target], enc_hook=_enc_hook), "url": value}
+        backends[target] = _convert(updated, BackendConfig, source, f"backends.{target}")
+        sources[f"backends.{target}.url"] = source
+
+    url_override("gpu", "OLLAMA_GPU_URL", overrides.gpu_url)
+    url_override("cpu", "OLLAMA_CPU_URL", overrides.cpu_url)
+
+    if overrides.socket:
+        socket_path, sources["socket"] = Path(overrides.socket), "flag --socket"
+    elif env.get("HARBOR_SOCKET"):
+        socket_path, sources["socket"] = Path(env["HARBOR_SOCKET"]), "env HARBOR_SOCKET"
+    elif file_cfg.socket:
+        socket_path = Path(os.path.expanduser(file_cfg.socket))
+    else:
+        socket_path, sources["socket"] = default_socket(env), "default"
+
+    if overrides.state_dir:
+        state_dir, sources["state_dir"] = Path(overrides.state_dir), "flag --state-dir"
+    elif file_cfg.state_dir:
+        state_dir = Path(os.path.expanduser(file_cfg.state_dir))
+    else:
+        state_dir = _xdg(env, "XDG_STATE_HOME", ".local/state") / "harbor"
+        sources["state_dir"] = "default"
+
+    log_level: str = file_cfg.log_level
+    if overrides.log_level:
+        log_level, sources["log_level"] = overrides.log_level, "flag --log-level"
+
+    if file_cfg.routing.hung_after_probes < 1:
+        raise ConfigError(f"{where}: key 'routing.hung_after_probes': expected an integer >= 1")
+    if file_cfg.tcp.listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", file_cfg.tcp.listen):
+        raise ConfigError(f"{where}: key 'tcp.listen': expected host:port, got {file_cfg.tcp.listen!r}")
+
+    return Config(
+        socket=socket_path,
+        state_dir=state_dir,
+        log_level=log_level,
+        log_bodies=file_cfg.log_bodies,
+        allow_root=file_cfg.allow_root,
+        max_body_size=file_cfg.max_body_size,
+        drain_timeout=file_cfg.drain_timeout,
+        client_timeout=file_cfg.client_timeout,
+        routing=file_cfg.routing,
+        supervisor=file_cfg.supervisor,
+        tcp=file_cfg.tcp,
+        backends=backends,
+        models=models,
+        path=path,
+        sources=sources,
+    )

@@ -1,0 +1,345 @@
+"""Carry one request through its plan: try backends in order, relay the answer.
+
+Rules this module keeps:
+- Bytes are relayed as they arrive; no chunk is decoded or re-encoded.
+- A backend is retried only while nothing has reached the client. The first
+  chunk (or the whole body of a non-streaming answer) is read before the
+  client's response starts, so an error the backend writes as its first line
+  can still move the request on.
+- After the first byte, a backend failure ends the stream with an
+  Ollama-style `{"error": ...}` line (an SSE error event on /v1).
+- There is no overall deadline: only connect, first-byte and idle-between-
+  chunks timeouts, because a heavy answer on the CPU may take many minutes.
+- When the client goes away, the upstream connection is closed at once, so
+  Ollama stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+
+from harbord.backends import Backend
+from harbord.classify import classify, error_text, is_retryable
+from harbord.harbor import Harbor
+from harbord.schemas import Attempt, Decision, ErrorClass, Plan
+
+log = logging.getLogger(__name__)
+
+# Request headers that describe this hop or are ours, not the backend's.
+_DROP_REQUEST = frozenset(
+    h.lower()
+    for h in (
+        "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
+        "Upgrade", "Content-Length", "Accept-Encoding", "X-Harbor-Intent", "X-Harbor-Backend",
+        "Authorization",
+    )
+)
+_DROP_RESPONSE = frozenset(
+    h.lower()
+    for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Date", "Server")
+)
+_STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+MAX_ERROR_BODY = 64 * 1024
+_error_json = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Failure:
+    error_class: ErrorClass
+    text: str
+    status: int | None = None  # the backend's status, when it answered
+    body: bytes | None = None
+    content_type: str | None = None
+    timeout: bool = False
+
+
+def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP_REQUEST)
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(message: str, openai: bool, error_type: str = "api_error") -> bytes:
+    """harbord's own error: Ollama's shape, or OpenAI's on the /v1 API as Ollama does."""
+    if openai:
+        return _error_json.encode(
+            {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+        )
+    return _error_json.encode({"error": message})
+
+
+def error_response(
+    status: int, message: str, openai: bool = False, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    error_type = "invalid_request_error" if 400 <= status < 500 else "api_error"
+    return web.Response(
+        status=status,
+        body=error_body(message, openai, error_type),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _stream_error(message: str, sse: bool) -> bytes:
+    if sse:
+        payload = _error_json.encode({"error": {"message": message, "type": "api_error"}})
+        return b"event: error\ndata: " + payload + b"\n\n"
+    return _error_json.encode({"error": message}) + b"\n"
+
+
+def _looks_like_error(chunk: bytes) -> bool:
+    """A first line or body that is an error object: `{"error": ...}` (or SSE `data: {"error"`)."""
+    head = chunk[:64].lstrip()
+    if head.startswith(b"data:"):
+        head = head[5:].lstrip()
+    return head.startswith(b'{"error"') or head.startswith(b'{ "error"')
+
+
+class Relay:
+    def __init__(self, harbor: Harbor) -> None:
+        self.harbor = harbor
+
+    async def run(
+        self,
+        request: web.Request,
+        plan: Plan,
+        body: bytes | aiohttp.StreamReader,
+        decision: Decision,
+    ) -> web.StreamResponse:
+        harbor = self.harbor
+        openai = is_openai(request.path)
+        headers = upstream_headers(request.headers)
+        failures: list[tuple[str, Failure]] = []
+        for index, step in enumerate(plan.steps):
+            backend = harbor.backends.get(step.backend)
+            if backend is None:
+                continue
+            started = time.monotonic()
+            outcome = await self._attempt(request, backend, headers, body, failures, decision)
+            elapsed = (time.monotonic() - started) * 1000
+            if isinstance(outcome, web.StreamResponse):
+                decision.served_by = backend.name
+                decision.status = outcome.status
+                return outcome
+            failure = outcome
+            decision.attempts.append(
+                Attempt(backend.name, "failed", failure.error_class, failure.text[:300], failure.status,
+                        round(elapsed, 3))
+            )
+            failures.append((backend.name, failure))
+            self._react(backend, failure, plan, decision)
+            if not is_retryable(failure.error_class) or not isinstance(body, bytes):
+                break
+            if index + 1 < len(plan.steps):
+                harbor.counters.fallbacks += 1
+        return self._give_up(failures, openai, decision)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        backend: Backend,
+        headers: CIMultiDict[str],
+        body: bytes | aiohttp.StreamReader,
+        failures: list[tuple[str, Failure]],
+        decision: Decision,
+    ) -> web.StreamResponse | Failure:
+        config = backend.config
+        if not await backend.limiter.acquire():
+            return Failure("busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s")
+        backend.in_flight += 1
+        upstream: aiohttp.ClientResponse | None = None
+        deadline = asyncio.timeout(config.first_byte_timeout)
+        backend.waiting.add(deadline)
+        try:
+            try:
+                async with deadline:
+                    upstream = await self.harbor.session.request(
+                        request.method,
+                        config.url + request.path_qs,
+                        data=body,
+                        headers=headers,
+                        timeout=aiohttp.ClientTimeout(
+                            total=None, connect=None, sock_connect=config.connect_timeout
+                        ),
+                    )
+                    if upstream.status >= 400:
+                        return await _failure_from_answer(upstream)
+                    streaming = upstream.content_type in _STREAM_TYPES
+                    first = await (upstream.content.readany() if streaming else upstream.read())
+            except TimeoutError:
+                if backend.hung:
+                    return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
+                return Failure("network", f"no answer from {backend.name} within "
+                               f"{config.first_byte_timeout:g}s", timeout=True)
+            except aiohttp.ClientConnectorError as err:
+                return Failure("network", f"cannot connect to {backend.name}: "
+                               f"{err.os_error.strerror or type(err.os_error).__name__}")
+            except (aiohttp.ClientError, OSError) as err:
+                return Failure("network", f"{backend.name} broke the connection ({type(err).__name__})")
+            finally:
+                backend.waiting.discard(deadline)
+
+            if _looks_like_error(first):
+                # A 200 whose first line is an error: still nothing sent, so move on.
+                text = error_text(first.split(b"\n", 1)[0].removeprefix(b"data:").strip())
+                return Failure(classify(500, text), text, 200, first, upstream.content_type)
+
+            response_headers = self._response_headers(upstream, backend, failures, decision)
+            if not streaming:
+                self._served(backend, decision)
+                return web.Response(status=upstream.status, body=first, headers=response_headers)
+            return await self._stream(request, upstream, backend, first, response_headers, decision)
+        finally:
+            if upstream is not None:
+                upstream.close()  # a no-op after a full read; cuts the backend off otherwise
+            backend.in_flight -= 1
+            backend.limiter.release()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        first: bytes,
+        headers: CIMultiDict[str],
+        decision: Decision,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        await response.write(first)
+        self._served(backend, decision)
+        idle = backend.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        content = upstream.content
+        failure: str | None = None
+        try:
+            async with asyncio.timeout(idle) as idle_deadline:
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    await response.write(chunk)  # a client that left raises here
+                    idle_deadline.reschedule(loop.time() + idle)
+        except TimeoutError:
+            failure = f"{backend.name} sent nothing for {idle:g}s"
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError) as err:
+            if request.transport is None or request.transport.is_closing():
+                raise  # the client left, not the backend
+            failure = f"{backend.name} broke off the stream ({type(err).__name__})"
+        if failure is not None:
+            decision.attempts.append(Attempt(backend.name, "failed", "network", failure,
+                                             after_first_byte=True))
+            backend.record_failure("network", failure)
+            log.warning("request %s: %s after the first byte; ending the stream", decision.id, failure)
+            await response.write(_stream_error(failure, upstream.content_type == "text/event-stream"))
+        await response.write_eof()
+        return response
+
+    def _response_headers(
+        self,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        failures: list[tuple[str, Failure]],
+        decision: Decision,
+    ) -> CIMultiDict[str]:
+        headers = CIMultiDict(
+            (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+        )
+        headers["X-Harbor-Backend"] = backend.name
+        headers["X-Harbor-Request-Id"] = decision.id
+        if failures:
+            headers["X-Harbor-Fallbacks"] = ", ".join(f"{n}={f.error_class}" for n, f in failures)
+        return headers
+
+    def _served(self, backend: Backend, decision: Decision) -> None:
+        decision.attempts.append(Attempt(backend.name, "served"))
+        decision.served_by = backend.name
+        backend.record_success()
+        harbor = self.harbor
+        harbor.counters.served += 1
+        by_backend = harbor.counters.by_backend
+        by_backend[backend.name] = by_backend.get(backend.name, 0) + 1
+        model = decision.plan.model
+        if model is not None and decision.intent == "fast" and not decision.plan.forced:
+            harbor.learn_affinity(model, backend.name)
+
+    def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:
+        """What a failure teaches us: pins, health."""
+        backend.record_failure(
+            failure.error_class, failure.text,
+            refused=failure.text.startswith("cannot connect"),
+        )
+        if failure.error_class == "oom" and backend.config.kind == "gpu" and plan.model:
+            target = self._cpu_for(plan)
+            if target is not None:
+                self.harbor.pin(
+                    plan.model, target,
+                    f"out of memory on {backend.name}: {failure.text[:160]}",
+                    self.harbor.config.routing.oom_pin_for, "oom",
+                )
+        log.info("request %s: %s failed (%s): %s", decision.id, backend.name,
+                 failure.error_class, failure.text[:200])
+
+    def _cpu_for(self, plan: Plan) -> str | None:
+        backends = self.harbor.backends
+        for name in [*plan.backends, *backends]:
+            backend = backends.get(name)
+            if backend is not None and backend.config.kind == "cpu":
+                return name
+        return None
+
+    def _give_up(
+        self, failures: list[tuple[str, Failure]], openai: bool, decision: Decision
+    ) -> web.Response:
+        headers = {}
+        if failures:
+            headers["X-Harbor-Fallbacks"] = ", ".join(f"{n}={f.error_class}" for n, f in failures)
+        headers["X-Harbor-Request-Id"] = decision.id
+        if not failures:
+            headers["Retry-After"] = "5"
+            decision.status = 503
+            return error_response(503, "no backend available", openai, headers)
+        name, last = failures[-1]
+        classes = {f.error_class for _, f in failures}
+        if last.error_class == "client" and last.status is not None and last.body is not None:
+            # The backend's own 4xx answer goes back as it is.
+            headers["X-Harbor-Backend"] = name
+            decision.status = last.status
+            return web.Response(status=last.status, body=last.body,
+                                content_type=last.content_type or "application/json",
+                                headers=headers)
+        summary = "; ".join(f"{n}: {f.text}" for n, f in failures)
+        if classes == {"model"}:
+            status, message = 404, failures[0][1].text
+        elif any(f.timeout for _, f in failures) and classes <= {"network", "busy"}:
+            status, message = 504, f"backend timeout: {summary}"
+        elif classes <= {"network", "busy"}:
+            status, message = 503, f"no backend available: {summary}"
+            headers["Retry-After"] = "5"
+        else:
+            status = last.status if last.status and last.status >= 500 else 502
+            message = summary
+        decision.status = status
+        return error_response(status, message, openai, headers)
+
+
+async def _failure_from_answer(upstream: aiohttp.ClientResponse) -> Failure:
+    body = await upstream.content.read(MAX_ERROR_BODY)
+    text = error_text(body) or f"HTTP {upstream.status}"
+    return Failure(classify(upstream.status, text), text, upstream.status, body,
+                   upstream.content_type)
+
+
+RELAY: web.AppKey[Relay] = web.AppKey("relay", Relay)

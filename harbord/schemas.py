@@ -1,0 +1,228 @@
+"""Typed messages: everything that crosses the socket or touches disk.
+
+Decoding happens at the edges with these schemas; the rest of the daemon
+passes the typed values around.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Intent = Literal["fast", "heavy"]
+INTENTS: tuple[Intent, ...] = ("fast", "heavy")
+BackendKind = Literal["gpu", "cpu"]
+# Error classes, from the backend's status and JSON error text (see classify.py).
+ErrorClass = Literal["oom", "network", "model", "driver", "busy", "client", "other"]
+# up: answering; degraded: answering but a driver error was seen; down: the
+# probe fails; unknown: not probed yet.
+Health = Literal["unknown", "up", "degraded", "down"]
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """Ollama's error shape, also used for harbord's own errors."""
+
+    error: str
+
+
+class RequestFacts(msgspec.Struct):
+    """The only fields of a request body that routing reads."""
+
+    model: str | None = None
+    name: str | None = None  # /api/show and model management still accept `name`
+    stream: bool | None = None
+    intent: str | None = None
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model or self.name
+
+
+# --- persisted state -------------------------------------------------------
+
+
+class Pin(msgspec.Struct, omit_defaults=True):
+    backend: str
+    reason: str
+    since: float  # unix time
+    until: float | None = None  # unix time; None = until unpinned
+    source: Literal["oom", "operator"] = "operator"
+
+    def active(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+
+class Affinity(msgspec.Struct):
+    backend: str
+    since: float
+
+
+class StateFile(msgspec.Struct):
+    version: int = 1
+    pins: dict[str, Pin] = {}
+    affinity: dict[str, Affinity] = {}
+
+
+# --- routing plan ----------------------------------------------------------
+
+
+class PlanStep(msgspec.Struct):
+    backend: str
+    reasons: list[str]
+
+
+class Plan(msgspec.Struct):
+    model: str | None
+    intent: Intent
+    intent_source: str  # header, body, model rule, default
+    steps: list[PlanStep]
+    # Backends left out of the plan (cooling down after a refused connection).
+    excluded: list[PlanStep] = []
+    forced: bool = False
+    notes: list[str] = []
+
+    @property
+    def backends(self) -> list[str]:
+        return [step.backend for step in self.steps]
+
+
+class Attempt(msgspec.Struct, omit_defaults=True):
+    backend: str
+    outcome: Literal["served", "failed", "skipped"]
+    error_class: ErrorClass | None = None
+    error: str | None = None
+    status: int | None = None
+    ms: float = 0.0
+    after_first_byte: bool = False
+
+
+class Decision(msgspec.Struct):
+    """One routed request, as logged and as `harborctl explain` shows it."""
+
+    id: str
+    time: float
+    method: str
+    path: str
+    model: str | None
+    intent: Intent
+    plan: Plan
+    attempts: list[Attempt] = []
+    served_by: str | None = None
+    status: int = 0
+    duration_ms: float = 0.0
+
+
+# --- status ----------------------------------------------------------------
+
+
+class LoadedModel(msgspec.Struct):
+    name: str
+    size: int = 0
+    size_vram: int = 0
+    expires_at: str | None = None
+
+
+class UnitStatus(msgspec.Struct, omit_defaults=True):
+    name: str
+    active_state: str = "unknown"
+    sub_state: str = "unknown"
+    main_pid: int = 0
+    n_restarts: int = 0
+    since: str | None = None
+    supervised: bool = False
+    harbor_restarts: int = 0
+    last_restart: float | None = None
+    budget_exhausted: bool = False
+    note: str | None = None
+
+
+class BackendStatus(msgspec.Struct):
+    name: str
+    url: str
+    kind: BackendKind
+    unit: str
+    health: Health
+    version: str | None
+    latency_ms: float | None
+    in_flight: int
+    queued: int
+    last_error: str | None
+    last_error_class: ErrorClass | None
+    last_change: float
+    cooldown: bool
+    models: list[str]
+    loaded: list[LoadedModel]
+    memory_pressure: list[str]
+    unit_status: UnitStatus | None = None
+
+
+class Counters(msgspec.Struct):
+    requests: int = 0
+    served: int = 0
+    failed: int = 0
+    fallbacks: int = 0
+    client_errors: int = 0
+    by_backend: dict[str, int] = {}
+
+
+class Status(msgspec.Struct):
+    version: str
+    pid: int
+    started_at: float
+    uptime_s: float
+    socket: str
+    backends: list[BackendStatus]
+    pins: dict[str, Pin]
+    affinity: dict[str, Affinity]
+    counters: Counters
+    in_flight: int
+    state_note: str | None = None
+    supervision: str = "off"
+
+
+class CheckEntry(msgspec.Struct):
+    """The seed's `check` shape, kept for scripts that parse it."""
+
+    status: Literal["healthy", "unhealthy"]
+    version: str | None
+    url: str
+    is_gpu: bool
+
+
+class PinRequest(msgspec.Struct, forbid_unknown_fields=True):
+    backend: str
+    for_seconds: float | None = None
+    reason: str = "pinned by operator"
+
+
+class Inventory(msgspec.Struct):
+    backends: dict[str, list[str]]
+    models: dict[str, list[str]]  # model -> backends that have it
+
+
+# --- Ollama shapes we read from the backends --------------------------------
+
+
+class TagModel(msgspec.Struct):
+    name: str
+    size: int = 0
+
+
+class Tags(msgspec.Struct):
+    models: list[TagModel] | None = None
+
+
+class PsModel(msgspec.Struct):
+    name: str
+    size: int = 0
+    size_vram: int = 0
+    expires_at: str | None = None
+
+
+class Ps(msgspec.Struct):
+    models: list[PsModel] | None = None
+
+
+class Version(msgspec.Struct):
+    version: str = ""

@@ -1,0 +1,183 @@
+"""The HTTP application on the Unix socket: routes, the routed handler, errors.
+
+Every answer is JSON (`{"error": ...}` for errors; OpenAI's error object on
+/v1, as Ollama does), never a traceback. Bodies are read with a hard limit,
+and only the fields routing needs are decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from harbord import harbor_api, ollama_api
+from harbord.config import MODEL_RE
+from harbord.harbor import HARBOR, Harbor, new_request_id
+from harbord.policy import PolicyError, RouteRequest
+from harbord.relay import RELAY, Relay, error_response, is_openai
+from harbord.schemas import Decision, RequestFacts
+
+log = logging.getLogger(__name__)
+
+ROUTED_PATHS = (
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+)
+
+_facts = msgspec.json.Decoder(RequestFacts)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing (before reading it) anything over `limit` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _strip_intent(body: bytes) -> bytes:
+    """The body without its top-level "intent" field (harbord's, not Ollama's)."""
+    decoded = msgspec.json.decode(body)
+    if isinstance(decoded, dict) and "intent" in decoded:
+        del decoded["intent"]
+        return msgspec.json.encode(decoded)
+    return body
+
+
+async def routed(request: web.Request) -> web.StreamResponse:
+    harbor = request.app[HARBOR]
+    openai = is_openai(request.path)
+    started = time.monotonic()
+    harbor.counters.requests += 1
+    request_id = new_request_id()
+    try:
+        body = await read_body(request, harbor.config.max_body_size)
+    except BodyTooLarge:
+        return _client_error(harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai)
+    if not body:
+        return _client_error(harbor, 400, "missing request body", openai)
+    try:
+        facts = _facts.decode(body)
+    except msgspec.ValidationError as err:
+        return _client_error(harbor, 400, f"invalid request: {err}", openai)
+    except msgspec.DecodeError as err:
+        return _client_error(harbor, 400, f"invalid JSON: {err}", openai)
+    model = facts.model_name
+    if not model:
+        return _client_error(harbor, 400, "model is required", openai)
+    if not MODEL_RE.match(model):
+        return _client_error(harbor, 400, f"invalid model name {model[:80]!r}", openai)
+    if b'"intent"' in body:
+        body = _strip_intent(body)
+    try:
+        plan = harbor.plan(
+            RouteRequest(
+                model=model,
+                intent_header=request.headers.get("X-Harbor-Intent"),
+                intent_body=facts.intent,
+                forced_backend=request.headers.get("X-Harbor-Backend"),
+            )
+        )
+    except PolicyError as err:
+        return _client_error(harbor, 400, str(err), openai)
+
+    decision = Decision(
+        id=request_id,
+        time=time.time(),
+        method=request.method,
+        path=request.path,
+        model=plan.model,
+        intent=plan.intent,
+        plan=plan,
+    )
+    if harbor.config.log_bodies:
+        log.debug("request %s body: %s", request_id, body[:4096].decode("utf-8", "replace"))
+    harbor.in_flight += 1
+    try:
+        response = await request.app[RELAY].run(request, plan, body, decision)
+    finally:
+        harbor.in_flight -= 1
+        decision.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        harbor.record(decision)
+        _log_decision(decision)
+    if decision.status >= 400:
+        if decision.status < 500:
+            harbor.counters.client_errors += 1
+        else:
+            harbor.counters.failed += 1
+    return response
+
+
+def _log_decision(d: Decision) -> None:
+    failed = [f"{a.backend}={a.error_class}" for a in d.attempts if a.outcome == "failed"]
+    log.info(
+        "%s %s model=%s intent=%s plan=%s served=%s%s status=%s %.1fms",
+        d.id, d.path, d.model, d.intent, ">".join(d.plan.backends) or "-",
+        d.served_by or "-", f" fallbacks={','.join(failed)}" if failed else "",
+        d.status or "client-gone", d.duration_ms,
+    )
+
+
+def _client_error(harbor: Harbor, status: int, message: str, openai: bool) -> web.Response:
+    harbor.counters.client_errors += 1
+    return error_response(status, message, openai)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413 ...) as JSON, and no tracebacks to clients."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
+            message = exc.reason
+        response = error_response(exc.status, message, is_openai(request.path))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except (ConnectionError, TimeoutError):
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal error in harbord (details in its log)", is_openai(request.path))
+
+
+def make_app(harbor: Harbor) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=harbor.config.max_body_size)
+    app[HARBOR] = harbor
+    app[RELAY] = Relay(harbor)
+    router = app.router
+    for path in ROUTED_PATHS:
+        router.add_post(path, routed)
+    ollama_api.add_routes(router)
+    harbor_api.add_routes(router)
+    return app
