@@ -40,6 +40,7 @@ _DRIVER = _words(
     r"runner process has terminated",
     r"model runner has unexpectedly stopped",
     r"failed to create context",
+    r"ggml_(?:cuda|vulkan|hip|rocm)\w*",
 )
 _MODEL = _words(r"not found", r"corrupt\w*", r"invalid file format", r"unsupported model format",
                 r"unknown model architecture", r"model format")
