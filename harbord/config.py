@@ -8,6 +8,7 @@ Errors name the file, the key and what was expected.
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 import tomllib
@@ -230,6 +231,16 @@ class Overrides:
     cpu_url: str | None = None
 
 
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
     value = env.get(var)
     if value and os.path.isabs(value):
@@ -389,8 +400,16 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     if file_cfg.routing.hung_after_probes < 1:
         raise ConfigError(f"{where}: key 'routing.hung_after_probes': expected an integer >= 1")
-    if file_cfg.tcp.listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", file_cfg.tcp.listen):
-        raise ConfigError(f"{where}: key 'tcp.listen': expected host:port, got {file_cfg.tcp.listen!r}")
+    listen = file_cfg.tcp.listen
+    if listen:
+        match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(\d{1,5})", listen)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise ConfigError(f"{where}: key 'tcp.listen': expected host:port, got {listen!r}")
+        if not is_loopback(match.group(1)) and not file_cfg.tcp.token_file:
+            raise ConfigError(
+                f"{where}: key 'tcp.token_file': a listener on {listen} (not loopback) needs a "
+                "bearer token file"
+            )
 
     return Config(
         socket=socket_path,

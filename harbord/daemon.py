@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,6 +23,7 @@ import msgspec
 from aiohttp import web
 
 from harbord import __version__, config, logs
+from harbord.guard import GuardedSite, PeerPolicy, read_token
 from harbord.harbor import Harbor
 from harbord.listen import ListenError, bind_unix, systemd_socket
 from harbord.notify import Notifier, watchdog_interval
@@ -94,15 +97,21 @@ class Daemon:
             log.error("%s", err)
             return EXIT_LISTEN
 
-        runner = web.AppRunner(
-            make_app(harbor),
-            handle_signals=False,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=cfg.drain_timeout,
-        )
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
+        raise_fd_limit()
+        runners = [self._runner(make_app(harbor))]
+        await runners[0].setup()
+        await GuardedSite(runners[0], sock, PeerPolicy(cfg.allow_root), cfg.client_timeout).start()
+        if cfg.tcp.listen:
+            try:
+                tcp_sock, token = tcp_listener(cfg)
+            except (OSError, ValueError) as err:
+                log.error("cannot start the TCP listener on %s: %s", cfg.tcp.listen, err)
+                await runners[0].cleanup()
+                return EXIT_LISTEN
+            runners.append(self._runner(make_app(harbor, token)))
+            await runners[1].setup()
+            await GuardedSite(runners[1], tcp_sock, None, cfg.client_timeout).start()
+            log.info("also listening on http://%s%s", cfg.tcp.listen, " (bearer token)" if token else "")
         for signum, flag in ((signal.SIGTERM, self._stop), (signal.SIGINT, self._stop),
                              (signal.SIGHUP, self._reload)):
             loop.add_signal_handler(signum, flag.set)
@@ -134,7 +143,8 @@ class Daemon:
         harbor.draining = True
         self.notifier.status(harbor.summary())
         log.info("stopping: draining %d request(s) for up to %gs", harbor.in_flight, cfg.drain_timeout)
-        await runner.cleanup()  # stops listening, waits for handlers, then cancels the rest
+        # Stop listening, wait for handlers up to the drain time, then cancel the rest.
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -147,6 +157,17 @@ class Daemon:
                 os.unlink(self._bound_path)
         log.info("stopped")
         return 0
+
+    def _runner(self, app: web.Application) -> web.AppRunner:
+        cfg = self.harbor.config
+        return web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=cfg.drain_timeout,
+            keepalive_timeout=cfg.client_timeout,
+        )
 
     async def _start_extras(self) -> None:
         """Supervision of the backend units, when systemd is there."""
@@ -193,6 +214,24 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def raise_fd_limit() -> None:
+    """Each relayed stream holds two descriptors: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def tcp_listener(cfg: config.Config) -> tuple[socket.socket, str | None]:
+    host, _, port = cfg.tcp.listen.rpartition(":")
+    host = host.strip("[]")
+    token = read_token(os.path.expanduser(cfg.tcp.token_file)) if cfg.tcp.token_file else None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, int(port)), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock, token
 
 
 def _run(coro: Coroutine[None, None, int]) -> int:

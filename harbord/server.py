@@ -7,6 +7,7 @@ and only the fields routing needs are decoded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from harbord import harbor_api, ollama_api
 from harbord.config import MODEL_RE
+from harbord.guard import bearer_middleware
 from harbord.harbor import HARBOR, Harbor, new_request_id
 from harbord.policy import PolicyError, RouteRequest
 from harbord.relay import RELAY, Relay, error_response, is_openai
@@ -74,9 +76,12 @@ async def routed(request: web.Request) -> web.StreamResponse:
     harbor.counters.requests += 1
     request_id = new_request_id()
     try:
-        body = await read_body(request, harbor.config.max_body_size)
+        async with asyncio.timeout(harbor.config.client_timeout):
+            body = await read_body(request, harbor.config.max_body_size)
     except BodyTooLarge:
         return _client_error(harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai)
+    except TimeoutError:
+        return _client_error(harbor, 408, f"request body not received within {harbor.config.client_timeout:g}s", openai)
     if not body:
         return _client_error(harbor, 400, "missing request body", openai)
     try:
@@ -171,8 +176,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error in harbord (details in its log)", is_openai(request.path))
 
 
-def make_app(harbor: Harbor) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=harbor.config.max_body_size)
+def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
+    """The application; with `token`, every request must carry it (the TCP listener)."""
+    middlewares = [json_errors] if token is None else [json_errors, bearer_middleware(token)]
+    app = web.Application(middlewares=middlewares, client_max_size=harbor.config.max_body_size)
     app[HARBOR] = harbor
     app[RELAY] = Relay(harbor)
     router = app.router
