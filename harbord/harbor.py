@@ -17,12 +17,23 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from harbord import __version__, policy
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
-from harbord.schemas import Affinity, CheckEntry, Counters, Decision, Pin, Plan, Status
+from harbord.metrics import Metrics
+from harbord.schemas import (
+    Affinity,
+    BackendStatus,
+    CheckEntry,
+    Counters,
+    Decision,
+    Pin,
+    Plan,
+    Status,
+)
 from harbord.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,8 @@ class Harbor:
         self.started_at = time.time()
         self.state = StateStore(config.state_dir)
         self.counters = Counters()
+        self.metrics = Metrics()
+        self.registry: CollectorRegistry | None = None  # made on the first scrape
         self.decisions: collections.OrderedDict[str, Decision] = collections.OrderedDict()
         self.in_flight = 0
         self.draining = False
@@ -133,6 +146,7 @@ class Harbor:
         )
 
     def record(self, decision: Decision) -> None:
+        self.metrics.observe(decision)
         self.decisions[decision.id] = decision
         if len(self.decisions) > DECISIONS_KEPT:
             self.decisions.popitem(last=False)
@@ -144,6 +158,7 @@ class Harbor:
         until = now + for_seconds if for_seconds else None
         pin = Pin(backend=backend, reason=reason, since=now, until=until,
                   source="oom" if source == "oom" else "operator")
+        self.metrics.pins_set[pin.source] += 1
         self.state.pins[policy.normalize_model(model)] = pin
         log.info("pinned %s to %s: %s%s", model, backend, reason,
                  f" (for {for_seconds:.0f}s)" if for_seconds else "")
@@ -193,7 +208,7 @@ class Harbor:
             started_at=self.started_at,
             uptime_s=round(now - self.started_at, 3),
             socket=str(self.config.socket),
-            backends=[b.status() for b in self.backends.values()],
+            backends=[self._backend_status(b) for b in self.backends.values()],
             pins={m: p for m, p in self.state.pins.items() if p.active(now)},
             affinity=dict(self.state.affinity),
             counters=self.counters,
@@ -201,6 +216,16 @@ class Harbor:
             state_note=self.state.note,
             supervision=self.supervision,
         )
+
+    def _backend_status(self, backend: Backend) -> BackendStatus:
+        status = backend.status()
+        status.served = backend.served
+        ttfb = sorted(
+            d.first_byte_ms for d in self.decisions.values()
+            if d.served_by == backend.name and d.first_byte_ms is not None
+        )
+        status.ttfb_p50_ms = ttfb[len(ttfb) // 2] if ttfb else None
+        return status
 
     def check(self) -> dict[str, CheckEntry]:
         return {

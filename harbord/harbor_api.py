@@ -1,5 +1,6 @@
-"""harbord's own endpoints, under /harbor/.
+"""harbord's own endpoints: /harbor/* and /metrics.
 
+  GET    /metrics                       Prometheus metrics (metrics.py)
   GET    /harbor/status                 full status (schemas.Status)
   GET    /harbor/check                  per-backend health in the seed's shape
   GET    /harbor/models                 which backend has which model
@@ -20,6 +21,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from harbord import metrics as metrics_module
 from harbord.config import MODEL_RE
 from harbord.harbor import HARBOR
 from harbord.policy import PolicyError, RouteRequest, normalize_model
@@ -130,7 +134,16 @@ async def restart_backend(request: web.Request) -> web.StreamResponse:
     return typed_json({"backend": name, "restarted": ok, "message": message}, 200 if ok else 409)
 
 
+async def metrics(request: web.Request) -> web.StreamResponse:
+    harbor = request.app[HARBOR]
+    if harbor.registry is None:
+        harbor.registry = metrics_module.registry_for(harbor)
+    body = metrics_module.render(harbor.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/metrics", metrics)
     router.add_get("/harbor/status", status)
     router.add_get("/harbor/check", check)
     router.add_get("/harbor/models", models)

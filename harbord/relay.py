@@ -266,6 +266,7 @@ class Relay:
     def _served(self, backend: Backend, decision: Decision) -> None:
         decision.attempts.append(Attempt(backend.name, "served"))
         decision.served_by = backend.name
+        decision.first_byte_ms = round((time.time() - decision.time) * 1000, 3)
         backend.record_success()
         harbor = self.harbor
         harbor.counters.served += 1

@@ -111,6 +111,7 @@ class Decision(msgspec.Struct):
     served_by: str | None = None
     status: int = 0
     duration_ms: float = 0.0
+    first_byte_ms: float | None = None
 
 
 # --- status ----------------------------------------------------------------
@@ -155,6 +156,8 @@ class BackendStatus(msgspec.Struct):
     loaded: list[LoadedModel]
     memory_pressure: list[str]
     unit_status: UnitStatus | None = None
+    served: int = 0
+    ttfb_p50_ms: float | None = None  # over the recent requests this backend served
 
 
 class Counters(msgspec.Struct):
