@@ -383,7 +383,7 @@ def test_harborctl_against_the_daemon(harbord: Harbord) -> None:
     assert chat_run.returncode == 0, chat_run.stderr
     assert chat_run.stdout.startswith("[gpu]")
     assert "gpu" in chat_run.stderr
-    heavy = harborctl(harbord, "chat", "llama3.2", "--intent", "heavy", "--no-stream", stdin=None)
+    heavy = harborctl(harbord, "chat", "llama3.2", "hello", "--intent", "heavy", "--no-stream")
     assert heavy.stdout.startswith("[cpu]")
     piped = harborctl(harbord, "chat", "llama3.2", stdin="from stdin")
     assert piped.returncode == 0 and piped.stdout.startswith("[gpu]")
