@@ -1,0 +1,1 @@
+"""One module per harborctl subcommand: HELP, TIMEOUT, configure(parser), run(args, daemon)."""

@@ -1,0 +1,119 @@
+"""harborctl status: GET /harbor/status, summarised. Exit 1 unless every backend is up."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from harbord.ctl import EX_FAILED, EX_OK, output
+from harbord.ctl.http import Daemon
+from harbord.ctl.output import paint
+from harbord.schemas import BackendStatus, Status, UnitStatus
+
+HELP = "show harbord's backends, units, counters and pins"
+TIMEOUT = 30.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace, daemon: Daemon) -> int:
+    answer = daemon.get("/harbor/status", Status)
+    if args.json:
+        output.raw_json(answer.raw)
+    else:
+        print(render(answer.value, time.time()))
+    return exit_code(answer.value)
+
+
+def exit_code(status: Status) -> int:
+    healthy = all(b.health == "up" and not b.cooldown for b in status.backends)
+    return EX_OK if healthy else EX_FAILED
+
+
+def render(status: Status, now: float) -> str:
+    c = status.counters
+    by_backend = ", ".join(f"{name} {n}" for name, n in c.by_backend.items())
+    lines = [
+        f"{paint('harbord', 'bold')} {status.version}, up {output.duration(status.uptime_s)}"
+        f" (pid {status.pid}, socket {status.socket}, supervision {status.supervision})",
+        f"requests {c.requests}: {c.served} served"
+        + (f" ({by_backend})" if by_backend else "")
+        + f", {c.fallbacks} fallbacks, {c.failed} failed, {c.client_errors} client errors;"
+        f" {status.in_flight} in flight",
+        "",
+        _backends(status.backends),
+    ]
+    lines += _details(status.backends, now)
+    if status.pins:
+        lines += ["", paint("pins", "bold")]
+        for model, pin in status.pins.items():
+            expires = output.until(pin.until, now)
+            lines.append(f"  {model} → {pin.backend}  {pin.reason} ({pin.source}, {expires})")
+    if status.affinity:
+        lines += ["", paint("affinity", "bold")]
+        lines += [
+            f"  {model} → {a.backend} (since {output.ago(a.since, now)})"
+            for model, a in status.affinity.items()
+        ]
+    if status.state_note:
+        lines += ["", paint(f"note: {status.state_note}", "yellow")]
+    return "\n".join(lines)
+
+
+def _backends(backends: list[BackendStatus]) -> str:
+    header = (
+        "BACKEND", "KIND", "HEALTH", "VERSION", "LATENCY", "IN FLIGHT", "QUEUED", "SERVED",
+        "TTFB P50", "MODELS",
+    )  # fmt: skip
+    rows = [
+        (
+            b.name,
+            b.kind,
+            output.health(b.health, b.cooldown),
+            b.version or "-",
+            output.millis(b.latency_ms),
+            str(b.in_flight),
+            str(b.queued),
+            str(b.served),
+            output.millis(b.ttfb_p50_ms),
+            str(len(b.models)),
+        )
+        for b in backends
+    ]
+    return output.table(header, rows)
+
+
+def _details(backends: list[BackendStatus], now: float) -> list[str]:
+    lines: list[str] = []
+    for b in backends:
+        if b.unit_status is not None:
+            lines.append(f"  {b.name} unit {_unit(b.unit_status)}")
+        if b.last_error and b.health != "up":
+            lines.append(f"  {b.name} last error ({b.last_error_class or 'other'}): {b.last_error}")
+        for loaded in b.loaded:
+            on_gpu = f", {loaded.size_vram * 100 // loaded.size}% in VRAM" if loaded.size else ""
+            lines.append(
+                f"  {b.name} has {loaded.name} loaded ({output.size(loaded.size)}{on_gpu})"
+            )
+        for warning in b.memory_pressure:
+            lines.append(paint(f"  {b.name} memory pressure: {warning}", "yellow"))
+    return ["", *lines] if lines else []
+
+
+def _unit(unit: UnitStatus) -> str:
+    state = f"{unit.active_state}/{unit.sub_state}"
+    style: output.Style = "green" if unit.active_state == "active" else "red"
+    text = f"{unit.name}: {paint(state, style)}"
+    if unit.since:
+        text += f" since {unit.since}"
+    restarts = f"{unit.n_restarts} restarts"
+    if unit.harbor_restarts:
+        restarts += f" ({unit.harbor_restarts} by harbord)"
+    text += f", {restarts}"
+    if unit.note:
+        text += ", " + paint(unit.note, "yellow")
+    elif unit.budget_exhausted:
+        text += ", " + paint("restart budget spent", "yellow")
+    return text

@@ -1,0 +1,25 @@
+"""harborctl unpin: DELETE /harbor/pins/{model}."""
+
+from __future__ import annotations
+
+import argparse
+
+from harbord.client import quote_path
+from harbord.ctl import EX_OK, output
+from harbord.ctl.http import Daemon
+
+HELP = "let harbord route MODEL freely again"
+TIMEOUT = 30.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL")
+
+
+def run(args: argparse.Namespace, daemon: Daemon) -> int:
+    answer = daemon.call("DELETE", f"/harbor/pins/{quote_path(args.model)}", dict[str, str])
+    if args.json:
+        output.raw_json(answer.raw)
+    else:
+        print(f"unpinned {answer.value.get('unpinned', args.model)}")
+    return EX_OK

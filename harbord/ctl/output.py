@@ -1,0 +1,111 @@
+"""Human output: aligned tables, durations, sizes, and colour only for a terminal.
+
+Colour is used when the stream is a TTY and NO_COLOR is unset or empty (no-color.org).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Literal, TextIO
+
+Style = Literal["bold", "dim", "red", "green", "yellow", "cyan"]
+_CODES: dict[Style, str] = {
+    "bold": "1",
+    "dim": "2",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "cyan": "36",
+}
+_ANSI = re.compile(r"\033\[[0-9;]*m")
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+HEALTH_STYLE: dict[str, Style] = {"up": "green", "degraded": "yellow", "down": "red"}
+
+
+def colour(stream: TextIO | None = None) -> bool:
+    stream = stream or sys.stdout
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def paint(text: str, style: Style, stream: TextIO | None = None) -> str:
+    return f"\033[{_CODES[style]}m{text}\033[0m" if colour(stream) else text
+
+
+def width(text: str) -> int:
+    return len(_ANSI.sub("", text))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Columns padded to their widest cell (colour codes not counted)."""
+    lines = [[paint(h, "bold") for h in header], *rows]
+    widths = [max(width(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        indent
+        + "  ".join(c + " " * (w - width(c)) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in lines
+    )
+
+
+def duration(seconds: float) -> str:
+    """250ms, 4.2s, 45s, 5m 3s, 23h, 2d 4h: the two largest units, zeros left out."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    total = round(seconds)
+    for i, (unit, size) in enumerate(_UNITS):
+        if total >= size:
+            text = f"{total // size}{unit}"
+            if i + 1 < len(_UNITS):
+                next_unit, next_size = _UNITS[i + 1]
+                if rest := (total % size) // next_size:
+                    text += f" {rest}{next_unit}"
+            return text
+    return "0s"
+
+
+def millis(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} ms" if value < 10_000 else duration(value / 1000)
+
+
+def until(when: float | None, now: float) -> str:
+    if when is None:
+        return "until unpinned"
+    return f"in {duration(when - now)}" if when > now else "expired"
+
+
+def ago(when: float, now: float) -> str:
+    return f"{duration(max(now - when, 0))} ago"
+
+
+def clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def health(state: str, cooldown: bool) -> str:
+    text = paint(state, HEALTH_STYLE[state]) if state in HEALTH_STYLE else paint(state, "dim")
+    return text + (", " + paint("cooling down", "yellow") if cooldown else "")
+
+
+def raw_json(raw: bytes) -> None:
+    """harbord's JSON as it came, one document per line."""
+    sys.stdout.write(raw.decode("utf-8").rstrip("\n") + "\n")
+
+
+def error(message: str) -> None:
+    print(f"harborctl: {message}", file=sys.stderr)
