@@ -337,7 +337,16 @@ class Relay:
 
 
 async def _failure_from_answer(upstream: aiohttp.ClientResponse) -> Failure:
-    body = await upstream.content.read(MAX_ERROR_BODY)
+    # read(n) returns what has arrived so far: loop to the end (or the cap).
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_ERROR_BODY:
+        part = await upstream.content.read(MAX_ERROR_BODY - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    body = b"".join(parts)
     text = error_text(body) or f"HTTP {upstream.status}"
     return Failure(classify(upstream.status, text), text, upstream.status, body,
                    upstream.content_type)
