@@ -622,7 +622,7 @@ def test_chat_error_line_mid_stream_exits_1(
     assert out == "partial\n"  # the line is ended before the error
     assert err.splitlines() == [
         "harborctl: cpu broke off the stream",
-        "served by cpu after gpu=oom (request r-1: harborctl explain r-1)",
+        "answered by cpu after gpu=oom (request r-1: harborctl explain r-1)",
     ]
 
 

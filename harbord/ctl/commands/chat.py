@@ -48,19 +48,19 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
         _chat(client, args, messages)
     except HarborError as err:
         output.error(err.message)
-        _served(client.last)
+        _served(client.last, "answered by")
         return EX_FAILED
-    _served(client.last)
+    _served(client.last, "served by")
     return EX_OK
 
 
 def _chat(client: HarborClient, args: argparse.Namespace, messages: list[dict[str, str]]) -> None:
-    options: dict[str, Any] = {"intent": args.intent, "backend": args.backend}
+    model, intent, backend = args.model, args.intent, args.backend
     chunks: Iterable[dict[str, Any]]
     if args.no_stream:
-        chunks = [client.chat(args.model, messages, stream=False, **options)]
+        chunks = [client.chat(model, messages, intent=intent, backend=backend)]
     else:
-        chunks = client.chat(args.model, messages, stream=True, **options)
+        chunks = client.chat(model, messages, intent=intent, backend=backend, stream=True)
     last = ""
     try:
         for chunk in chunks:
@@ -79,10 +79,11 @@ def _text(chunk: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _served(served: Served | None) -> None:
+def _served(served: Served | None, verb: str) -> None:
+    """One line on stderr: who served (or answered with an error), the fallbacks, the id."""
     if served is None or (served.backend is None and served.request_id is None):
         return
-    text = f"served by {served.backend}" if served.backend else "not served"
+    text = f"{verb} {served.backend}" if served.backend else "not served"
     if served.fallbacks:
         text += f" after {', '.join(served.fallbacks)}"
     if served.request_id:
