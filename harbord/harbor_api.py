@@ -131,7 +131,9 @@ async def restart_backend(request: web.Request) -> web.StreamResponse:
     if restart is None:
         return error_response(501, "backend restarts need systemd supervision, which is off")
     ok, message = await restart(name)
-    return typed_json({"backend": name, "restarted": ok, "message": message}, 200 if ok else 409)
+    if not ok:
+        return error_response(409, message)
+    return typed_json({"backend": name, "restarted": True, "message": message})
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

@@ -131,6 +131,9 @@ class Relay:
             if isinstance(outcome, web.StreamResponse):
                 decision.served_by = backend.name
                 decision.status = outcome.status
+                served = next((a for a in reversed(decision.attempts) if a.outcome == "served"), None)
+                if served is not None:
+                    served.ms = round(elapsed, 3)
                 return outcome
             failure = outcome
             decision.attempts.append(
