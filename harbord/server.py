@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
@@ -39,6 +40,7 @@ ROUTED_PATHS = (
 _facts = msgspec.json.Decoder(RequestFacts)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_T = TypeVar("_T")
 
 
 class BodyTooLarge(Exception):
@@ -60,9 +62,28 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class BadBody(Exception):
+    """A body msgspec cannot take: not UTF-8 inside a string, or nested too deeply."""
+
+
+def _decode(decode: Callable[[bytes], _T], body: bytes) -> _T:
+    """msgspec's decode, with its non-msgspec errors turned into one we answer with a 400.
+
+    msgspec raises UnicodeDecodeError for invalid UTF-8 in a string it decodes
+    (fields it skips are not checked), and RecursionError for arrays or objects
+    nested deeper than Python's recursion limit allows.
+    """
+    try:
+        return decode(body)
+    except UnicodeDecodeError:
+        raise BadBody("invalid JSON: a string is not valid UTF-8") from None
+    except RecursionError:
+        raise BadBody("invalid JSON: nested too deeply") from None
+
+
 def _strip_intent(body: bytes) -> bytes:
     """The body without its top-level "intent" field (harbord's, not Ollama's)."""
-    decoded = msgspec.json.decode(body)
+    decoded = _decode(msgspec.json.decode, body)
     if isinstance(decoded, dict) and "intent" in decoded:
         del decoded["intent"]
         return msgspec.json.encode(decoded)
@@ -85,7 +106,9 @@ async def routed(request: web.Request) -> web.StreamResponse:
     if not body:
         return _client_error(harbor, 400, "missing request body", openai)
     try:
-        facts = _facts.decode(body)
+        facts = _decode(_facts.decode, body)
+    except BadBody as err:
+        return _client_error(harbor, 400, str(err), openai)
     except msgspec.ValidationError as err:
         return _client_error(harbor, 400, f"invalid request: {err}", openai)
     except msgspec.DecodeError as err:
@@ -96,7 +119,10 @@ async def routed(request: web.Request) -> web.StreamResponse:
     if not MODEL_RE.match(model):
         return _client_error(harbor, 400, f"invalid model name {model[:80]!r}", openai)
     if b'"intent"' in body:
-        body = _strip_intent(body)
+        try:
+            body = _strip_intent(body)
+        except BadBody as err:
+            return _client_error(harbor, 400, str(err), openai)
     try:
         plan = harbor.plan(
             RouteRequest(
