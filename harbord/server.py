@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from harbord import harbor_api, ollama_api
 from harbord.config import MODEL_RE
@@ -202,10 +203,32 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error in harbord (details in its log)", is_openai(request.path))
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a header over 8 KiB, a bad request
+    line, a broken chunk) at ERROR with a traceback. That is the client's mistake, not
+    harbord's: one INFO line naming the kind of error, without the client's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return True
+        kind = (exc.message or "").strip().split(":", 1)[0][:120]
+        record.msg, record.args = "refused a malformed request (%d): %s", (exc.code, kind)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return http_log.isEnabledFor(logging.INFO)
+
+
+# The logger aiohttp's protocol handler reports through (instead of aiohttp.server).
+http_log = logging.getLogger("harbord.http")
+http_log.addFilter(_MalformedRequests())
+
+
 def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
     """The application; with `token`, every request must carry it (the TCP listener)."""
     middlewares = [json_errors] if token is None else [json_errors, bearer_middleware(token)]
-    app = web.Application(middlewares=middlewares, client_max_size=harbor.config.max_body_size)
+    app = web.Application(middlewares=middlewares, client_max_size=harbor.config.max_body_size,
+                          handler_args={"logger": http_log})
     app[HARBOR] = harbor
     app[RELAY] = Relay(harbor)
     router = app.router
