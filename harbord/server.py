@@ -117,7 +117,7 @@ async def routed(request: web.Request) -> web.StreamResponse:
     model = facts.model_name
     if not model:
         return _client_error(harbor, 400, "model is required", openai)
-    if not MODEL_RE.match(model):
+    if not MODEL_RE.fullmatch(model):  # match() would let a trailing newline through ($)
         return _client_error(harbor, 400, f"invalid model name {model[:80]!r}", openai)
     if b'"intent"' in body:
         try:
