@@ -685,3 +685,105 @@ def test_colour_only_on_a_terminal_without_no_color(
 )  # fmt: skip
 def test_durations(seconds: float, text: str) -> None:
     assert output.duration(seconds) == text
+
+
+# --- status at a glance, top and pull without a daemon ------------------------------------
+
+
+def test_status_at_a_glance_in_colour_only_on_a_terminal(
+    daemon: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pins = {"qwen3:32b": Pin("cpu", "pinned by operator", time.time())}
+    value = status(backend("gpu"), backend("cpu", health="down"), pins=pins)
+    daemon.get("/harbor/status").respond(200, content=encode(value))
+    code, plain, _ = run(capsys, "status")  # capsys: a pipe
+    assert code == 1
+    assert not ANSI.search(plain)
+    assert "requests 12: 10 served, 3 fallbacks, 1 failed, 1 client errors; 1 in flight" in plain
+    assert "backends: 1 of 2 up; 1 pinned model" in plain
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    coloured = run(capsys, "status")[1]
+    for text, code_ in [("10 served", 32), ("3 fallbacks", 33), ("1 failed", 31),
+                        ("1 of 2 up", 33), ("1 pinned model", 36)]:  # fmt: skip
+        assert f"\033[{code_}m{text}\033[0m" in coloured
+    assert ANSI.sub("", coloured) == plain
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert run(capsys, "status")[1] == plain
+
+
+def test_status_zero_counters_stay_plain(
+    daemon: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    value = status(counters=Counters(requests=2, served=2))
+    daemon.get("/harbor/status").respond(200, content=encode(value))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    out = run(capsys, "status")[1]
+    assert ", 0 fallbacks, 0 failed," in out
+    assert "\033[32m2 of 2 up\033[0m; 0 pinned models" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["top", "--interval", "0"], ["top", "--interval", "soon"], ["top", "--last", "0"], ["pull"]],
+)
+def test_top_and_pull_usage_errors_exit_64(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 64
+    assert "usage: harborctl" in err
+
+
+def test_top_once_prints_one_plain_snapshot(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.get("/harbor/status").respond(200, content=encode(status()))
+    decisions = daemon.get("/harbor/decisions").respond(200, content=encode([decision("ab-1")]))
+    code, out, _ = run(capsys, "top", "--last", "3")
+    assert code == 0
+    assert decisions.calls.last.request.url.params["limit"] == "3"
+    assert re.search(r"^gpu\s+gpu\s+up\s+-\s+1\s+0\s+-\s+340 ms", out, re.M)
+    assert re.search(r"ab-1\s+\S+\s+qwen3:32b\s+fast\s+cpu\s+gpu=oom\s+200", out)
+    assert not ANSI.search(out)
+
+
+def test_pull_progress_lines_and_where(
+    daemon: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [
+        {"status": "pulling manifest"},
+        {"status": "pulling 0123456789ab", "digest": "sha256:0123", "total": 200},
+        {"status": "pulling 0123456789ab", "digest": "sha256:0123", "total": 200, "completed": 1},
+        {"status": "pulling 0123456789ab", "digest": "sha256:0123", "total": 200, "completed": 2},
+        {"status": "pulling 0123456789ab", "digest": "sha256:0123", "total": 200, "completed": 200},
+        {"status": "success"},
+    ]
+    body = b"".join(encode(line) + b"\n" for line in lines)
+    route = daemon.post("/api/pull").respond(200, content=body, headers={"X-Harbor-Backend": "cpu"})
+    inventory = {"backends": {"gpu": ["phi3:latest"], "cpu": ["phi3:latest"]},
+                 "models": {"phi3:latest": ["gpu", "cpu"]}}  # fmt: skip
+    daemon.get("/harbor/models").respond(200, json=inventory)
+    code, out, err = run(capsys, "pull", "phi3", "--backend", "cpu")
+    assert code == 0
+    assert route.calls.last.request.headers["X-Harbor-Backend"] == "cpu"
+    assert json.loads(route.calls.last.request.content) == {"model": "phi3", "stream": True}
+    assert out.splitlines() == [
+        "pulling manifest",
+        "pulling 0123456789ab  0/200 bytes  0%",
+        "pulling 0123456789ab  2/200 bytes  1%",  # 1/200 is still 0%: not shown again
+        "pulling 0123456789ab  200/200 bytes  100%",
+        "success",
+        "phi3:latest is on gpu, cpu",
+    ]
+    assert "pulling phi3 through cpu" in err
+
+
+def test_pull_error_status_exits_1(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.post("/api/pull").respond(400, json={"error": "unknown backend 'tpu'"})
+    code, out, err = run(capsys, "pull", "phi3", "--backend", "tpu")
+    assert (code, out) == (1, "")
+    assert err == "harborctl: pulling phi3 failed: unknown backend 'tpu'\n"

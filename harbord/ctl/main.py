@@ -23,9 +23,11 @@ from harbord.ctl.commands import (
     models,
     pin,
     pins,
+    pull,
     restart,
     route,
     status,
+    top,
     unpin,
 )
 from harbord.ctl.http import Daemon, unreachable
@@ -52,6 +54,8 @@ COMMANDS: dict[str, Command] = {
     "unpin": unpin,
     "restart": restart,
     "explain": explain,
+    "top": top,
+    "pull": pull,
 }
 DEFAULT_COMMAND = "status"
 

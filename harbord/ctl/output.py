@@ -39,6 +39,23 @@ def width(text: str) -> int:
     return len(_ANSI.sub("", text))
 
 
+def clip(text: str, limit: int) -> str:
+    """At most `limit` visible characters; colour codes are kept and closed when cut."""
+    if width(text) <= limit:
+        return text
+    parts, codes = _ANSI.split(text), _ANSI.findall(text)
+    kept: list[str] = []
+    left = limit
+    for i, part in enumerate(parts):
+        kept.append(part[: max(left, 0)])
+        left -= len(part)
+        if left <= 0:
+            break
+        if i < len(codes):
+            kept.append(codes[i])
+    return "".join(kept) + ("\033[0m" if codes else "")
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
     """Columns padded to their widest cell (colour codes not counted)."""
     lines = [[paint(h, "bold") for h in header], *rows]
@@ -95,6 +112,16 @@ def size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def rate(bytes_per_s: float) -> str:
+    return f"{size(int(bytes_per_s))}/s"
+
+
+def bar(fraction: float, cells: int) -> str:
+    """A progress bar `cells` wide, e.g. ████░░░░."""
+    done = round(min(max(fraction, 0.0), 1.0) * cells)
+    return "█" * done + "░" * (cells - done)
 
 
 def health(state: str, cooldown: bool) -> str:

@@ -33,15 +33,8 @@ def exit_code(status: Status) -> int:
 
 
 def render(status: Status, now: float) -> str:
-    c = status.counters
-    by_backend = ", ".join(f"{name} {n}" for name, n in c.by_backend.items())
     lines = [
-        f"{paint('harbord', 'bold')} {status.version}, up {output.duration(status.uptime_s)}"
-        f" (pid {status.pid}, socket {status.socket}, supervision {status.supervision})",
-        f"requests {c.requests}: {c.served} served"
-        + (f" ({by_backend})" if by_backend else "")
-        + f", {c.fallbacks} fallbacks, {c.failed} failed, {c.client_errors} client errors;"
-        f" {status.in_flight} in flight",
+        *_summary(status),
         "",
         _backends(status.backends),
     ]
@@ -60,6 +53,30 @@ def render(status: Status, now: float) -> str:
     if status.state_note:
         lines += ["", paint(f"note: {status.state_note}", "yellow")]
     return "\n".join(lines)
+
+
+def _summary(status: Status) -> list[str]:
+    """The three lines to read at a glance: uptime, the counters, backends up and pins."""
+    c = status.counters
+    by_backend = ", ".join(f"{name} {n}" for name, n in c.by_backend.items())
+    up = sum(b.health == "up" and not b.cooldown for b in status.backends)
+    verdict: output.Style = "green" if up == len(status.backends) else "red" if not up else "yellow"
+    pins = len(status.pins)
+    return [
+        f"{paint('harbord', 'bold')} {status.version}, up {output.duration(status.uptime_s)}"
+        f" (pid {status.pid}, socket {status.socket}, supervision {status.supervision})",
+        f"requests {c.requests}: {_counter(c.served, 'served', 'green')}"
+        + (f" ({by_backend})" if by_backend else "")
+        + f", {_counter(c.fallbacks, 'fallbacks', 'yellow')}, {_counter(c.failed, 'failed', 'red')}"
+        f", {c.client_errors} client errors; {status.in_flight} in flight",
+        f"backends: {paint(f'{up} of {len(status.backends)} up', verdict)};"
+        f" {_counter(pins, 'pinned model' + ('s' if pins != 1 else ''), 'cyan')}",
+    ]
+
+
+def _counter(n: int, what: str, style: output.Style) -> str:
+    """ "3 fallbacks", coloured when not zero."""
+    return paint(f"{n} {what}", style) if n else f"{n} {what}"
 
 
 def _backends(backends: list[BackendStatus]) -> str:
