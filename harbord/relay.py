@@ -180,6 +180,9 @@ class Relay:
                         return await _failure_from_answer(upstream)
                     streaming = upstream.content_type in _STREAM_TYPES
                     first = await (upstream.content.readany() if streaming else upstream.read())
+            except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: this one first
+                return Failure("network", f"connecting to {backend.name} timed out after "
+                               f"{config.connect_timeout:g}s", timeout=True)
             except TimeoutError:
                 if backend.hung:
                     return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
