@@ -106,6 +106,19 @@ def _looks_like_error(chunk: bytes) -> bool:
     return head.startswith(b'{"error"') or head.startswith(b'{ "error"')
 
 
+def _is_json(body: bytes) -> bool:
+    """Whether a non-empty body is one whole JSON value (checked, not built)."""
+    if not body:
+        return True  # a 200 with no body (copy, delete, HEAD) is not a broken JSON answer
+    try:
+        msgspec.json.decode(body, type=msgspec.Raw)
+    except msgspec.DecodeError:
+        return False
+    except RecursionError:
+        return True  # too deeply nested to check here; the client will judge
+    return True
+
+
 class Relay:
     def __init__(self, harbor: Harbor) -> None:
         self.harbor = harbor
@@ -196,6 +209,10 @@ class Relay:
             finally:
                 backend.waiting.discard(deadline)
 
+            if not streaming and upstream.content_type == "application/json" and not _is_json(first):
+                # Ollama's answers are JSON: this one is broken, and nothing is sent yet.
+                return Failure("other", f"{backend.name} answered {upstream.status} with a body "
+                               "that is not JSON", upstream.status, first, upstream.content_type)
             if _looks_like_error(first):
                 # A 200 whose first line is an error: still nothing sent, so move on.
                 text = error_text(first.split(b"\n", 1)[0].removeprefix(b"data:").strip())
