@@ -157,6 +157,7 @@ def test_top_survives_harbord_going_away_and_quits_on_ctrl_c(harbord: Harbord, t
     start_top(tmux, harbord)
     harbord.stop()
     screen = tmux.wait_for(lambda s: "harbord is not answering" in s, "the daemon to be missed")
+    print(screen)
     assert all(row.search(screen) for row in BACKEND_ROWS), "the last view stays up"
     harbord.launch()
     tmux.wait_for(lambda s: "not answering" not in s, "top to find harbord again")

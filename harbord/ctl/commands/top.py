@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Literal, TextIO
 
-from harbord.client import HarborError
+from harbord.client import HarborError, HarborUnavailable
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.ctl.output import paint
@@ -121,10 +121,10 @@ def _live(daemon: Daemon, args: argparse.Namespace, snap: Snapshot) -> None:
                     snap, before, problem = fetch(daemon, args.last), snap, None
                 except HarborError as err:
                     age = output.duration(time.monotonic() - snap.at)
+                    why = err.reason if isinstance(err, HarborUnavailable) else err.message
                     problem = (
-                        f"harbord is not answering at {daemon.socket} ({err.message});"
-                        f" showing what it said {age} ago, trying again every"
-                        f" {args.interval:g}s"
+                        f"harbord is not answering ({why}): below is what it said {age} ago;"
+                        f" trying again every {args.interval:g}s on {daemon.socket}"
                     )
     except KeyboardInterrupt:
         return
