@@ -1,11 +1,13 @@
 """Carry one request through its plan: try backends in order, relay the answer.
 
 Rules this module keeps:
-- Bytes are relayed as they arrive; no chunk is decoded or re-encoded.
+- Bytes are relayed as they arrive; no chunk is decoded or re-encoded. A
+  stream is relayed in whole lines: the tail of a line is held back until its
+  newline arrives, so a stream cut short never leaves half a line behind.
 - A backend is retried only while nothing has reached the client. The first
-  chunk (or the whole body of a non-streaming answer) is read before the
-  client's response starts, so an error the backend writes as its first line
-  can still move the request on.
+  line (or the whole body of a non-streaming answer) is read before the
+  client's response starts, so an error the backend writes as its first line,
+  or a stream that ends inside it, can still move the request on.
 - After the first byte, a backend failure ends the stream with an
   Ollama-style `{"error": ...}` line (an SSE error event on /v1).
 - There is no overall deadline: only connect, first-byte and idle-between-
@@ -49,6 +51,8 @@ _DROP_RESPONSE = frozenset(
 )
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 MAX_ERROR_BODY = 64 * 1024
+# A streamed line longer than this is relayed without waiting for its end.
+MAX_LINE = 1024 * 1024
 _error_json = msgspec.json.Encoder()
 
 
@@ -96,6 +100,25 @@ def _stream_error(message: str, sse: bool) -> bytes:
         payload = _error_json.encode({"error": {"message": message, "type": "api_error"}})
         return b"event: error\ndata: " + payload + b"\n\n"
     return _error_json.encode({"error": message}) + b"\n"
+
+
+async def _first_line(content: aiohttp.StreamReader) -> bytes:
+    """What the backend sent up to the end of its first line (or EOF, or MAX_LINE)."""
+    data = await content.readany()
+    while data and b"\n" not in data and len(data) < MAX_LINE:
+        more = await content.readany()
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _split_line(data: bytes) -> bytes:
+    """The unfinished last line of `data` (b"" when it ends in a newline)."""
+    cut = data.rfind(b"\n") + 1
+    if cut == 0 and len(data) >= MAX_LINE:
+        return b""  # no newline in sight: relay it anyway
+    return data[cut:]
 
 
 def _looks_like_error(chunk: bytes) -> bool:
@@ -192,7 +215,7 @@ class Relay:
                     if upstream.status >= 400:
                         return await _failure_from_answer(upstream)
                     streaming = upstream.content_type in _STREAM_TYPES
-                    first = await (upstream.content.readany() if streaming else upstream.read())
+                    first = await (_first_line(upstream.content) if streaming else upstream.read())
             except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: this one first
                 return Failure("network", f"connecting to {backend.name} timed out after "
                                f"{config.connect_timeout:g}s", timeout=True)
@@ -213,6 +236,10 @@ class Relay:
                 # Ollama's answers are JSON: this one is broken, and nothing is sent yet.
                 return Failure("other", f"{backend.name} answered {upstream.status} with a body "
                                "that is not JSON", upstream.status, first, upstream.content_type)
+            if streaming and b"\n" not in first and len(first) < MAX_LINE:
+                what = "an empty stream" if not first else "a stream that ends inside its first line"
+                return Failure("other", f"{backend.name} answered {what}", upstream.status, first,
+                               upstream.content_type)
             if _looks_like_error(first):
                 # A 200 whose first line is an error: still nothing sent, so move on.
                 text = error_text(first.split(b"\n", 1)[0].removeprefix(b"data:").strip())
@@ -240,33 +267,47 @@ class Relay:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        await response.write(first)
+        pending = _split_line(first)
+        sent = first[: len(first) - len(pending)]
+        await response.write(sent)
+        tail = sent[-2:]  # the end of what the client has, to start an error on a fresh line
         self._served(backend, decision)
         idle = backend.config.idle_timeout
         loop = asyncio.get_running_loop()
         content = upstream.content
-        failure: str | None = None
+        failure: tuple[ErrorClass, str] | None = None
         try:
             async with asyncio.timeout(idle) as idle_deadline:
                 while True:
                     chunk = await content.readany()
                     if not chunk:
                         break
-                    await response.write(chunk)  # a client that left raises here
                     idle_deadline.reschedule(loop.time() + idle)
+                    if pending:
+                        chunk = pending + chunk
+                    pending = _split_line(chunk)
+                    if len(pending) < len(chunk):
+                        whole = chunk[: len(chunk) - len(pending)]
+                        await response.write(whole)  # a client that left raises here
+                        tail = (tail + whole)[-2:]
+            if pending:
+                failure = "other", f"{backend.name} ended its stream inside a line"
         except TimeoutError:
-            failure = f"{backend.name} sent nothing for {idle:g}s"
+            failure = "network", f"{backend.name} sent nothing for {idle:g}s"
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError) as err:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left, not the backend
-            failure = f"{backend.name} broke off the stream ({type(err).__name__})"
+            failure = "network", f"{backend.name} broke off the stream ({type(err).__name__})"
         if failure is not None:
-            decision.attempts.append(Attempt(backend.name, "failed", "network", failure,
+            error_class, text = failure
+            decision.attempts.append(Attempt(backend.name, "failed", error_class, text,
                                              after_first_byte=True))
-            backend.record_failure("network", failure)
-            log.warning("request %s: %s after the first byte; ending the stream", decision.id, failure)
-            await response.write(_stream_error(failure, upstream.content_type == "text/event-stream"))
+            backend.record_failure(error_class, text)
+            log.warning("request %s: %s after the first byte; ending the stream", decision.id, text)
+            sse = upstream.content_type == "text/event-stream"
+            fresh = b"" if tail.endswith(b"\n\n" if sse else b"\n") or not tail else b"\n"
+            await response.write(fresh + _stream_error(text, sse))
         await response.write_eof()
         return response
 
