@@ -3,9 +3,11 @@
 The file is `state.json` in the state directory. Writes go to a temporary
 file in the same directory, are fsynced, renamed over the old file and the
 directory is fsynced: a crash leaves the old or the new state, never a torn
-one. A file that does not decode is set aside (`state.json.corrupt-<time>`)
-and the daemon starts clean; a directory we cannot write to leaves the state
-in memory only. Either way `note` says what happened, for logs and status.
+one (only a stray temporary file, removed at the next start). A file that
+does not decode is set aside (`state.json.corrupt-<time>`) and the daemon
+starts clean; a directory we cannot write to (checked at start) leaves the
+state in memory only. Either way `note` says what happened, for logs and
+status.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from harbord.schemas import Affinity, Pin, StateFile
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+_TMP_PREFIX, _TMP_SUFFIX = ".state-", ".tmp"
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StateFile)
 
@@ -37,6 +40,10 @@ class StateStore:
         self.note: str | None = None
 
     def load(self) -> None:
+        self._read()
+        self._prepare_directory()
+
+    def _read(self) -> None:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -60,6 +67,20 @@ class StateStore:
         self.pins = dict(state.pins)
         self.affinity = dict(state.affinity)
 
+    def _prepare_directory(self) -> None:
+        """Remove what killed saves left behind, and find out now whether saving works."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for stale in self.directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                stale.unlink()
+            fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=self.directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            note = f"cannot save state in {self.directory}: {err.strerror}; keeping it in memory"
+            log.warning("%s", note)
+            self.note = note if self.note is None else f"{note}; {self.note}"
+
     def snapshot(self) -> bytes:
         return _encoder.encode(StateFile(pins=self.pins, affinity=self.affinity))
 
@@ -68,7 +89,7 @@ class StateStore:
         payload = self.snapshot() if data is None else data
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(payload)
