@@ -142,7 +142,9 @@ class Backend:
         if self.health in ("up", "degraded") and not self.cooldown and not self.hung:
             return
         if self.health != "up":
-            log.info("backend %s is up%s", self.name, f" (ollama {self.version})" if self.version else "")
+            log.info(
+                "backend %s is up%s", self.name, f" (ollama {self.version})" if self.version else ""
+            )
         # A degraded backend stays degraded until a request succeeds on it.
         self.health = "degraded" if self.health == "degraded" else "up"
         self.cooldown = False
@@ -150,7 +152,9 @@ class Backend:
         self.last_change = time.time()
         self.changed()
 
-    def mark_down(self, reason: str, error_class: ErrorClass = "network", cooldown: bool = False) -> None:
+    def mark_down(
+        self, reason: str, error_class: ErrorClass = "network", cooldown: bool = False
+    ) -> None:
         self.last_error, self.last_error_class = reason, error_class
         if self.health == "down" and self.cooldown == (cooldown or self.cooldown):
             return
@@ -219,9 +223,7 @@ class Backend:
             last_change=self.last_change,
             cooldown=self.cooldown,
             models=sorted(self.models or ()),
-            loaded=[
-                LoadedModel(m.name, m.size, m.size_vram, m.expires_at) for m in self.loaded
-            ],
+            loaded=[LoadedModel(m.name, m.size, m.size_vram, m.expires_at) for m in self.loaded],
             memory_pressure=sorted(self.view.spilled),
             unit_status=self.unit_status,
         )

@@ -42,8 +42,14 @@ _DRIVER = _words(
     r"failed to create context",
     r"ggml_(?:cuda|vulkan|hip|rocm)\w*",
 )
-_MODEL = _words(r"not found", r"corrupt\w*", r"invalid file format", r"unsupported model format",
-                r"unknown model architecture", r"model format")
+_MODEL = _words(
+    r"not found",
+    r"corrupt\w*",
+    r"invalid file format",
+    r"unsupported model format",
+    r"unknown model architecture",
+    r"model format",
+)
 _BUSY = _words(r"server busy", r"maximum pending requests")
 
 
@@ -62,7 +68,7 @@ def error_text(body: bytes) -> str:
     if isinstance(decoded, dict):
         inner = decoded.get("error")
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]  # OpenAI shape, as Ollama's /v1 writes it
+            return str(inner["message"])  # OpenAI shape, as Ollama's /v1 writes it
         if isinstance(inner, str):
             return inner
     return body[:500].decode("utf-8", "replace").strip()

@@ -60,7 +60,7 @@ _SIZE_UNITS = {
 
 def parse_duration(value: object) -> Seconds:
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30 or \"30s\", \"5m\", \"24h\"")
+        raise ValueError('expected a duration such as 30 or "30s", "5m", "24h"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("expected a duration >= 0")
@@ -69,7 +69,7 @@ def parse_duration(value: object) -> Seconds:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
         if match:
             return Seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
-    raise ValueError(f"expected a duration such as 30 or \"30s\", \"5m\", \"24h\", got {value!r}")
+    raise ValueError(f'expected a duration such as 30 or "30s", "5m", "24h", got {value!r}')
 
 
 def parse_size(value: object) -> ByteSize:
@@ -79,7 +79,7 @@ def parse_size(value: object) -> ByteSize:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
         if match and match.group(2).lower() in _SIZE_UNITS:
             return ByteSize(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
-    raise ValueError(f"expected a size such as 8589934592 or \"8GiB\", got {value!r}")
+    raise ValueError(f'expected a size such as 8589934592 or "8GiB", got {value!r}')
 
 
 def _dec_hook(tp: type, obj: object) -> object:
@@ -256,7 +256,9 @@ def runtime_dir(env: Mapping[str, str]) -> Path:
 
 
 def default_socket(env: Mapping[str, str]) -> Path:
-    return Path(env["HARBOR_SOCKET"]) if env.get("HARBOR_SOCKET") else runtime_dir(env) / "harbor.sock"
+    return (
+        Path(env["HARBOR_SOCKET"]) if env.get("HARBOR_SOCKET") else runtime_dir(env) / "harbor.sock"
+    )
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -266,8 +268,16 @@ def default_config_path(env: Mapping[str, str]) -> Path:
 def default_backends() -> dict[str, dict[str, Any]]:
     user = _user()
     return {
-        "gpu": {"url": "http://127.0.0.1:11434", "kind": "gpu", "unit": f"ollama-gpu@{user}.service"},
-        "cpu": {"url": "http://127.0.0.1:11435", "kind": "cpu", "unit": f"ollama-cpu@{user}.service"},
+        "gpu": {
+            "url": "http://127.0.0.1:11434",
+            "kind": "gpu",
+            "unit": f"ollama-gpu@{user}.service",
+        },
+        "cpu": {
+            "url": "http://127.0.0.1:11435",
+            "kind": "cpu",
+            "unit": f"ollama-cpu@{user}.service",
+        },
     }
 
 
@@ -342,7 +352,9 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     backends: dict[str, BackendConfig] = {}
     for name, table in backend_raw.items():
         if not NAME_RE.match(name):
-            raise ConfigError(f"{where}: key 'backends.{name}': backend names are letters, digits, '_', '.', '-'")
+            raise ConfigError(
+                f"{where}: key 'backends.{name}': backend names are letters, digits, '_', '.', '-'"
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: key 'backends.{name}': expected a table")
         merged = {**defaults.get(name, {}), **table}
@@ -358,16 +370,23 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         rule: ModelRule = _convert(table, ModelRule, where, f'models."{model}"')
         if rule.pin is not None and rule.pin not in backends:
             raise ConfigError(
-                f"{where}: key 'models.\"{model}\".pin': expected one of {sorted(backends)}, got {rule.pin!r}"
+                f"{where}: key 'models.\"{model}\".pin': expected one of {sorted(backends)}, "
+                f"got {rule.pin!r}"
             )
         models[model] = rule
 
     # Environment, then flags, over the file.
     def url_override(name: str, env_var: str, flag: str | None) -> None:
-        value, source = (flag, f"flag --{name}-url") if flag else (env.get(env_var), f"env {env_var}")
+        value, source = (
+            (flag, f"flag --{name}-url") if flag else (env.get(env_var), f"env {env_var}")
+        )
         if not value:
             return
-        target = name if name in backends else next((n for n, b in backends.items() if b.kind == name), None)
+        target = (
+            name
+            if name in backends
+            else next((n for n, b in backends.items() if b.kind == name), None)
+        )
         if target is None:
             raise ConfigError(f"{source}: no backend named or of kind {name!r} to apply it to")
         updated = {**msgspec.to_builtins(backends[target], enc_hook=_enc_hook), "url": value}

@@ -43,15 +43,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="harbord",
         description="Route Ollama API requests between GPU and CPU backends over a Unix socket.",
     )
-    parser.add_argument("--config", metavar="FILE", help="configuration file (default: "
-                        "$XDG_CONFIG_HOME/harbor/harbord.toml; env HARBOR_CONFIG)")
-    parser.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (env HARBOR_SOCKET)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: "
+        "$XDG_CONFIG_HOME/harbor/harbord.toml; env HARBOR_CONFIG)",
+    )
+    parser.add_argument(
+        "--socket", metavar="PATH", help="Unix socket to listen on (env HARBOR_SOCKET)"
+    )
     parser.add_argument("--state-dir", metavar="DIR", help="where pins and affinity are kept")
-    parser.add_argument("--gpu-url", metavar="URL", help="URL of the gpu backend (env OLLAMA_GPU_URL)")
-    parser.add_argument("--cpu-url", metavar="URL", help="URL of the cpu backend (env OLLAMA_CPU_URL)")
+    parser.add_argument(
+        "--gpu-url", metavar="URL", help="URL of the gpu backend (env OLLAMA_GPU_URL)"
+    )
+    parser.add_argument(
+        "--cpu-url", metavar="URL", help="URL of the cpu backend (env OLLAMA_CPU_URL)"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print the effective values and exit")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective values and exit",
+    )
     parser.add_argument("--version", action="version", version=f"harbord {__version__}")
     return parser.parse_args(argv)
 
@@ -111,17 +124,26 @@ class Daemon:
             runners.append(self._runner(make_app(harbor, token)))
             await runners[1].setup()
             await GuardedSite(runners[1], tcp_sock, None, cfg.client_timeout).start()
-            log.info("also listening on http://%s%s", cfg.tcp.listen, " (bearer token)" if token else "")
-        for signum, flag in ((signal.SIGTERM, self._stop), (signal.SIGINT, self._stop),
-                             (signal.SIGHUP, self._reload)):
+            log.info(
+                "also listening on http://%s%s", cfg.tcp.listen, " (bearer token)" if token else ""
+            )
+        for signum, flag in (
+            (signal.SIGTERM, self._stop),
+            (signal.SIGINT, self._stop),
+            (signal.SIGHUP, self._reload),
+        ):
             loop.add_signal_handler(signum, flag.set)
 
         await harbor.start()
         await self._start_extras()
         harbor.status_changed = lambda: self.notifier.status(harbor.summary())
         self.notifier.ready(harbor.summary())
-        log.info("harbord %s listening on %s (%s)", __version__, cfg.socket,
-                 ", ".join(f"{b.name}={b.config.url}" for b in harbor.backends.values()))
+        log.info(
+            "harbord %s listening on %s (%s)",
+            __version__,
+            cfg.socket,
+            ", ".join(f"{b.name}={b.config.url}" for b in harbor.backends.values()),
+        )
         if harbor.state.note:
             log.warning("%s", harbor.state.note)
         self._spawn(self._refresh_status())
@@ -131,7 +153,10 @@ class Daemon:
             self._spawn(self._watchdog(interval))
 
         while not self._stop.is_set():
-            waiters = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._reload.wait())]
+            waiters = [
+                asyncio.ensure_future(self._stop.wait()),
+                asyncio.ensure_future(self._reload.wait()),
+            ]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
@@ -142,7 +167,9 @@ class Daemon:
         self.notifier.stopping()
         harbor.draining = True
         self.notifier.status(harbor.summary())
-        log.info("stopping: draining %d request(s) for up to %gs", harbor.in_flight, cfg.drain_timeout)
+        log.info(
+            "stopping: draining %d request(s) for up to %gs", harbor.in_flight, cfg.drain_timeout
+        )
         # Stop listening, wait for handlers up to the drain time, then cancel the rest.
         await asyncio.gather(*(runner.cleanup() for runner in runners))
         for task in self._tasks:
@@ -182,8 +209,8 @@ class Daemon:
         if extras is not None:
             await extras.stop()
 
-    def _spawn(self, coro: object) -> None:
-        self._tasks.append(asyncio.ensure_future(coro))  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
 
     async def reload(self) -> None:
         self.notifier.reloading()
@@ -193,7 +220,9 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", err)
         else:
             if new.socket != self.harbor.config.socket:
-                log.warning("reload: the socket path changed to %s; that takes a restart", new.socket)
+                log.warning(
+                    "reload: the socket path changed to %s; that takes a restart", new.socket
+                )
             logging.getLogger().setLevel(new.log_level.upper())
             await self.harbor.apply_config(new)
             log.info("configuration reloaded from %s", new.path or "defaults")

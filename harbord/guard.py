@@ -60,9 +60,11 @@ class PeerPolicy:
 class _GuardedProtocol(asyncio.Protocol):
     """Wraps aiohttp's protocol: checks the peer, and times the first request head."""
 
-    __slots__ = ("_inner", "_policy", "_head_timeout", "_timer", "_tail", "_refused")
+    __slots__ = ("_head_timeout", "_inner", "_policy", "_refused", "_tail", "_timer")
 
-    def __init__(self, inner: asyncio.Protocol, policy: PeerPolicy | None, head_timeout: float) -> None:
+    def __init__(
+        self, inner: asyncio.Protocol, policy: PeerPolicy | None, head_timeout: float
+    ) -> None:
         self._inner: asyncio.Protocol | None = inner
         self._policy = policy
         self._head_timeout = head_timeout
@@ -81,18 +83,24 @@ class _GuardedProtocol(asyncio.Protocol):
                 # kernel reset the connection, and the client would never see why.
                 log.warning("refused a connection from uid %s", uid)
                 self._inner = None
-                self._refused = cast(asyncio.WriteTransport, transport)  # uvloop's are not subclasses
+                self._refused = cast(
+                    asyncio.WriteTransport, transport
+                )  # uvloop's are not subclasses
                 self._timer = asyncio.get_running_loop().call_later(
                     self._head_timeout, transport.close
                 )
                 return
         assert self._inner is not None
         self._inner.connection_made(transport)
-        self._timer = asyncio.get_running_loop().call_later(self._head_timeout, self._too_slow, transport)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._head_timeout, self._too_slow, transport
+        )
 
     def _too_slow(self, transport: asyncio.BaseTransport) -> None:
         self._timer = None
-        log.info("closed a connection that sent no complete request head in %gs", self._head_timeout)
+        log.info(
+            "closed a connection that sent no complete request head in %gs", self._head_timeout
+        )
         transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -135,7 +143,7 @@ class GuardedSite(web.BaseSite):
 
     def __init__(
         self,
-        runner: web.BaseRunner[Any],
+        runner: web.BaseRunner,
         sock: socket.socket,
         policy: PeerPolicy | None,
         head_timeout: float,

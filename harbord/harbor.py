@@ -153,15 +153,27 @@ class Harbor:
 
     # -- pins and affinity ------------------------------------------------------
 
-    def pin(self, model: str, backend: str, reason: str, for_seconds: float | None, source: str) -> Pin:
+    def pin(
+        self, model: str, backend: str, reason: str, for_seconds: float | None, source: str
+    ) -> Pin:
         now = time.time()
         until = now + for_seconds if for_seconds else None
-        pin = Pin(backend=backend, reason=reason, since=now, until=until,
-                  source="oom" if source == "oom" else "operator")
+        pin = Pin(
+            backend=backend,
+            reason=reason,
+            since=now,
+            until=until,
+            source="oom" if source == "oom" else "operator",
+        )
         self.metrics.pins_set[pin.source] += 1
         self.state.pins[policy.normalize_model(model)] = pin
-        log.info("pinned %s to %s: %s%s", model, backend, reason,
-                 f" (for {for_seconds:.0f}s)" if for_seconds else "")
+        log.info(
+            "pinned %s to %s: %s%s",
+            model,
+            backend,
+            reason,
+            f" (for {for_seconds:.0f}s)" if for_seconds else "",
+        )
         self.schedule_save()
         return pin
 
@@ -221,7 +233,8 @@ class Harbor:
         status = backend.status()
         status.served = backend.served
         ttfb = sorted(
-            d.first_byte_ms for d in self.decisions.values()
+            d.first_byte_ms
+            for d in self.decisions.values()
             if d.served_by == backend.name and d.first_byte_ms is not None
         )
         status.ttfb_p50_ms = ttfb[len(ttfb) // 2] if ttfb else None
@@ -230,7 +243,9 @@ class Harbor:
     def check(self) -> dict[str, CheckEntry]:
         return {
             b.name: CheckEntry(
-                status="healthy" if b.health in ("up", "degraded") and not b.cooldown else "unhealthy",
+                status="healthy"
+                if b.health in ("up", "degraded") and not b.cooldown
+                else "unhealthy",
                 version=b.version,
                 url=b.config.url,
                 is_gpu=b.config.kind == "gpu",

@@ -1,16 +1,16 @@
 """harbord's own endpoints: /harbor/* and /metrics.
 
-  GET    /metrics                       Prometheus metrics (metrics.py)
-  GET    /harbor/status                 full status (schemas.Status)
-  GET    /harbor/check                  per-backend health in the seed's shape
-  GET    /harbor/models                 which backend has which model
-  GET    /harbor/pins                   active pins
-  PUT    /harbor/pins/{model}           pin (schemas.PinRequest)
-  DELETE /harbor/pins/{model}           unpin
-  GET    /harbor/route?model=&intent=   dry-run routing decision (schemas.Plan)
-  GET    /harbor/decisions[?limit=N]    recent routing decisions, newest first
-  GET    /harbor/decisions/{id}         one decision with its attempts
-  POST   /harbor/backends/{name}/restart  restart a backend's unit
+GET    /metrics                       Prometheus metrics (metrics.py)
+GET    /harbor/status                 full status (schemas.Status)
+GET    /harbor/check                  per-backend health in the seed's shape
+GET    /harbor/models                 which backend has which model
+GET    /harbor/pins                   active pins
+PUT    /harbor/pins/{model}           pin (schemas.PinRequest)
+DELETE /harbor/pins/{model}           unpin
+GET    /harbor/route?model=&intent=   dry-run routing decision (schemas.Plan)
+GET    /harbor/decisions[?limit=N]    recent routing decisions, newest first
+GET    /harbor/decisions/{id}         one decision with its attempts
+POST   /harbor/backends/{name}/restart  restart a backend's unit
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from harbord import metrics as metrics_module
@@ -78,11 +77,15 @@ async def set_pin(request: web.Request) -> web.StreamResponse:
         return error_response(400, f"invalid pin request: {err}")
     if pin_request.backend not in harbor.backends:
         return error_response(
-            400, f"unknown backend {pin_request.backend!r}; expected one of: {', '.join(harbor.backends)}"
+            400,
+            f"unknown backend {pin_request.backend!r}; "
+            f"expected one of: {', '.join(harbor.backends)}",
         )
     if pin_request.for_seconds is not None and pin_request.for_seconds <= 0:
         return error_response(400, "for_seconds must be > 0")
-    pin = harbor.pin(model, pin_request.backend, pin_request.reason, pin_request.for_seconds, "operator")
+    pin = harbor.pin(
+        model, pin_request.backend, pin_request.reason, pin_request.for_seconds, "operator"
+    )
     return typed_json({normalize_model(model): pin})
 
 
@@ -111,7 +114,7 @@ async def decisions(request: web.Request) -> web.StreamResponse:
         limit = int(request.query.get("limit", "20"))
     except ValueError:
         return error_response(400, "limit must be an integer")
-    recent = list(harbor.decisions.values())[-max(limit, 0):] if limit else []
+    recent = list(harbor.decisions.values())[-max(limit, 0) :] if limit else []
     return typed_json(list(reversed(recent)))
 
 

@@ -95,7 +95,9 @@ class Prober:
             if backend.probe_timeouts >= limit:
                 backend.mark_hung(f"hung: {backend.probe_timeouts} probes timed out")
             else:
-                log.info("probe of %s timed out (%d/%d)", backend.name, backend.probe_timeouts, limit)
+                log.info(
+                    "probe of %s timed out (%d/%d)", backend.name, backend.probe_timeouts, limit
+                )
             return
         except (aiohttp.ClientError, OSError) as err:
             backend.probe_timeouts = 0
@@ -119,7 +121,13 @@ class Prober:
                 tags = _tags.decode(await resp.read()) if resp.status == 200 else None
             async with self.session.get(f"{url}/api/ps", timeout=timeout) as resp:
                 ps = _ps.decode(await resp.read()) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as err:
+        except (
+            aiohttp.ClientError,
+            OSError,
+            TimeoutError,
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+        ) as err:
             log.info("inventory of %s not refreshed: %s", backend.name, type(err).__name__)
             return
         models = None

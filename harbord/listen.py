@@ -63,7 +63,9 @@ def bind_unix(path: Path, backlog: int = 1024) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(mode):
-            raise ListenError(f"{path} exists and is not a socket; remove it or set another socket path")
+            raise ListenError(
+                f"{path} exists and is not a socket; remove it or set another socket path"
+            )
         if _is_live(path):
             raise ListenError(f"{path} is in use: is harbord already running? (harborctl status)")
         with contextlib.suppress(FileNotFoundError):

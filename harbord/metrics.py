@@ -65,8 +65,11 @@ class Metrics:
 
     def observe(self, decision: Decision) -> None:
         status = decision.status
-        outcome = "served" if decision.served_by and status < 400 else (
-            "client_error" if 400 <= status < 500 else "failed")
+        outcome = (
+            "served"
+            if decision.served_by and status < 400
+            else ("client_error" if 400 <= status < 500 else "failed")
+        )
         self.requests[(decision.served_by or "none", decision.intent, outcome)] += 1
         attempts = decision.attempts
         for index, attempt in enumerate(attempts):
@@ -87,72 +90,101 @@ class HarborCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         harbor, metrics = self.harbor, self.harbor.metrics
-        requests = CounterMetricFamily("harbor_requests", "Routed requests by serving backend, "
-                                       "intent and outcome", labels=["backend", "intent", "outcome"])
-        for (backend, intent, outcome), count in sorted(metrics.requests.items()):
-            requests.add_metric([backend, intent, outcome], count)
+        requests = CounterMetricFamily(
+            "harbor_requests",
+            "Routed requests by serving backend, intent and outcome",
+            labels=["backend", "intent", "outcome"],
+        )
+        for request_labels, count in sorted(metrics.requests.items()):
+            requests.add_metric(list(request_labels), count)
         yield requests
 
-        fallbacks = CounterMetricFamily("harbor_fallbacks", "Failed attempts after which another "
-                                        "backend was tried", labels=["backend", "error_class"])
-        errors = CounterMetricFamily("harbor_backend_errors", "Failed attempts by backend and "
-                                     "error class", labels=["backend", "error_class"])
+        fallbacks = CounterMetricFamily(
+            "harbor_fallbacks",
+            "Failed attempts after which another backend was tried",
+            labels=["backend", "error_class"],
+        )
+        errors = CounterMetricFamily(
+            "harbor_backend_errors",
+            "Failed attempts by backend and error class",
+            labels=["backend", "error_class"],
+        )
         for family, counter in ((fallbacks, metrics.fallbacks), (errors, metrics.errors)):
-            for (backend, error_class), count in sorted(counter.items()):
-                family.add_metric([backend, error_class], count)
+            for pair, count in sorted(counter.items()):
+                family.add_metric(list(pair), count)
             yield family
 
         pins_set = CounterMetricFamily("harbor_pins_set", "Pins set, by source", labels=["source"])
-        for source, count in sorted(metrics.pins_set.items()):
-            pins_set.add_metric([source], count)
+        for pin_source, count in sorted(metrics.pins_set.items()):
+            pins_set.add_metric([pin_source], count)
         yield pins_set
 
         now = time.time()
         pins = GaugeMetricFamily("harbor_pins", "Active pins by backend", labels=["backend"])
-        per_backend = collections.Counter(p.backend for p in harbor.state.pins.values() if p.active(now))
+        per_backend = collections.Counter(
+            p.backend for p in harbor.state.pins.values() if p.active(now)
+        )
         for name in harbor.backends:
             pins.add_metric([name], per_backend.get(name, 0))
         yield pins
 
-        gauges = {
-            "in_flight": GaugeMetricFamily("harbor_in_flight", "Requests in flight to a backend",
-                                           labels=["backend"]),
-            "queued": GaugeMetricFamily("harbor_queued", "Requests waiting for a backend slot",
-                                        labels=["backend"]),
-            "up": GaugeMetricFamily("harbor_backend_up", "1 when the backend answers its probe "
-                                    "and is not cooling down", labels=["backend"]),
-            "restarts": CounterMetricFamily("harbor_unit_restarts", "Restarts of the backend's "
-                                            "unit done by harbord", labels=["backend"]),
-            "systemd_restarts": GaugeMetricFamily("harbor_unit_nrestarts", "systemd's NRestarts "
-                                                  "of the backend's unit", labels=["backend"]),
+        gauges: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "in_flight": GaugeMetricFamily(
+                "harbor_in_flight", "Requests in flight to a backend", labels=["backend"]
+            ),
+            "queued": GaugeMetricFamily(
+                "harbor_queued", "Requests waiting for a backend slot", labels=["backend"]
+            ),
+            "up": GaugeMetricFamily(
+                "harbor_backend_up",
+                "1 when the backend answers its probe and is not cooling down",
+                labels=["backend"],
+            ),
+            "restarts": CounterMetricFamily(
+                "harbor_unit_restarts",
+                "Restarts of the backend's unit done by harbord",
+                labels=["backend"],
+            ),
+            "systemd_restarts": GaugeMetricFamily(
+                "harbor_unit_nrestarts",
+                "systemd's NRestarts of the backend's unit",
+                labels=["backend"],
+            ),
         }
-        health = GaugeMetricFamily("harbor_backend_health", "Backend health, one-hot",
-                                   labels=["backend", "state"])
-        for name, backend in harbor.backends.items():
-            gauges["in_flight"].add_metric([name], backend.in_flight)
-            gauges["queued"].add_metric([name], backend.limiter.queued)
+        health = GaugeMetricFamily(
+            "harbor_backend_health", "Backend health, one-hot", labels=["backend", "state"]
+        )
+        for backend in harbor.backends.values():
+            label = [backend.name]
+            gauges["in_flight"].add_metric(label, backend.in_flight)
+            gauges["queued"].add_metric(label, backend.limiter.queued)
             up = backend.health in ("up", "degraded") and not backend.cooldown
-            gauges["up"].add_metric([name], 1 if up else 0)
+            gauges["up"].add_metric(label, 1 if up else 0)
             for state in ("unknown", "up", "degraded", "down"):
-                health.add_metric([name, state], 1 if backend.health == state else 0)
+                health.add_metric([backend.name, state], 1 if backend.health == state else 0)
             unit = backend.unit_status
-            gauges["restarts"].add_metric([name], unit.harbor_restarts if unit else 0)
-            gauges["systemd_restarts"].add_metric([name], unit.n_restarts if unit else 0)
+            gauges["restarts"].add_metric(label, unit.harbor_restarts if unit else 0)
+            gauges["systemd_restarts"].add_metric(label, unit.n_restarts if unit else 0)
         yield from gauges.values()
         yield health
 
-        for name, source, help_text in (
-            ("harbor_time_to_first_byte_seconds", metrics.ttfb,
-             "Time from request to the first byte relayed to the client"),
+        histograms = (
+            (
+                "harbor_time_to_first_byte_seconds",
+                metrics.ttfb,
+                "Time from request to the first byte relayed to the client",
+            ),
             ("harbor_request_duration_seconds", metrics.duration, "Whole request duration"),
-        ):
-            family = HistogramMetricFamily(name, help_text, labels=["backend"])
+        )
+        for metric_name, source, help_text in histograms:
+            histogram_family = HistogramMetricFamily(metric_name, help_text, labels=["backend"])
             for backend_name, histogram in sorted(source.items()):
-                family.add_metric([backend_name], histogram.buckets(), histogram.total)
-            yield family
+                histogram_family.add_metric([backend_name], histogram.buckets(), histogram.total)
+            yield histogram_family
 
-        yield GaugeMetricFamily("harbor_uptime_seconds", "Seconds since harbord started",
-                                value=now - harbor.started_at)
+        yield GaugeMetricFamily(
+            "harbor_uptime_seconds", "Seconds since harbord started", value=now - harbor.started_at
+        )
 
 
 def registry_for(harbor: Harbor) -> CollectorRegistry:

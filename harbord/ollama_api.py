@@ -102,28 +102,43 @@ async def v1_models(request: web.Request) -> web.StreamResponse:
 
 async def manage(request: web.Request) -> web.StreamResponse:
     """Model management: one backend, no fallback, progress streamed through."""
+    started = time.monotonic()
     harbor = request.app[HARBOR]
+    harbor.counters.requests += 1
     openai = is_openai(request.path)
     named = request.headers.get("X-Harbor-Backend")
     if named is not None and named not in harbor.backends:
-        return error_response(400, f"unknown backend {named!r}; expected one of: "
-                              f"{', '.join(harbor.backends)}", openai)
+        return error_response(
+            400, f"unknown backend {named!r}; expected one of: {', '.join(harbor.backends)}", openai
+        )
     target = named or next(
-        (n for n, b in harbor.backends.items() if b.config.kind == "gpu"), next(iter(harbor.backends))
+        (n for n, b in harbor.backends.items() if b.config.kind == "gpu"),
+        next(iter(harbor.backends)),
     )
     body: bytes | aiohttp.StreamReader
     if request.path.startswith("/api/blobs/"):
         body = request.content  # blobs are large: stream them through, never hold them
     else:
         body = await request.read()
-    plan = Plan(model=None, intent="fast", intent_source="default",
-                steps=[PlanStep(target, ["model management goes to one backend"])], forced=True)
-    decision = Decision(id=new_request_id(), time=time.time(), method=request.method,
-                        path=request.path, model=None, intent="fast", plan=plan)
+    plan = Plan(
+        model=None,
+        intent="fast",
+        intent_source="default",
+        steps=[PlanStep(target, ["model management goes to one backend"])],
+        forced=True,
+    )
+    decision = Decision(
+        id=new_request_id(),
+        time=time.time(),
+        method=request.method,
+        path=request.path,
+        model=None,
+        intent="fast",
+        plan=plan,
+    )
     try:
-        return await request.app[RELAY].run(request, plan, body, decision)
+        return await request.app[RELAY].serve(request, plan, body, decision, started)
     finally:
-        harbor.record(decision)
         # The model store is shared: every backend's list may have changed.
         for backend in harbor.backends.values():
             backend.inventory_at = 0.0

@@ -70,7 +70,9 @@ def resolve_intent(
         for intent in INTENTS:
             if value == intent:
                 return intent, source
-        raise PolicyError(f"unknown intent {value!r} (from the {source}); expected one of: fast, heavy")
+        raise PolicyError(
+            f"unknown intent {value!r} (from the {source}); expected one of: fast, heavy"
+        )
     if rule is not None and rule.intent is not None:
         return rule.intent, "model rule"
     return default, "default"
@@ -146,12 +148,16 @@ def plan(
             spill = view.spilled.get(model)
             if size and view.memory_limit and size > view.memory_limit:
                 memory = 1
-                reasons.append(f"model size {_gb(size)} exceeds the {_gb(view.memory_limit)} limit: after CPU backends")
+                reasons.append(
+                    f"model size {_gb(size)} exceeds the {_gb(view.memory_limit)} limit: "
+                    "after CPU backends"
+                )
                 notes.append(f"{model} is too large for {view.name}")
             elif spill is not None:
                 memory = 1
                 reasons.append(
-                    f"memory pressure: only {_gb(spill[1])} of {_gb(spill[0])} in VRAM: after CPU backends"
+                    f"memory pressure: only {_gb(spill[1])} of {_gb(spill[0])} in VRAM: "
+                    "after CPU backends"
                 )
                 notes.append(f"memory pressure on {view.name} for {model}")
         affine_rank = 1
@@ -159,7 +165,11 @@ def plan(
             affine_rank = 0
             reasons.append("affinity: served this model last")
         kind_rank = 0 if view.kind == preferred_kind else 1
-        reasons.append(f"{intent} intent prefers {preferred_kind}" if kind_rank == 0 else f"{view.kind} fallback")
+        reasons.append(
+            f"{intent} intent prefers {preferred_kind}"
+            if kind_rank == 0
+            else f"{view.kind} fallback"
+        )
         key = (health_rank, missing, pinned, memory, affine_rank, kind_rank, index)
         ranked.append((key, PlanStep(view.name, reasons)))
 

@@ -40,8 +40,17 @@ log = logging.getLogger(__name__)
 _DROP_REQUEST = frozenset(
     h.lower()
     for h in (
-        "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "TE",
-        "Upgrade", "Content-Length", "Accept-Encoding", "X-Harbor-Intent", "X-Harbor-Backend",
+        "Host",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Transfer-Encoding",
+        "TE",
+        "Upgrade",
+        "Content-Length",
+        "Accept-Encoding",
+        "X-Harbor-Intent",
+        "X-Harbor-Backend",
         "Authorization",
     )
 )
@@ -146,6 +155,29 @@ class Relay:
     def __init__(self, harbor: Harbor) -> None:
         self.harbor = harbor
 
+    async def serve(
+        self,
+        request: web.Request,
+        plan: Plan,
+        body: bytes | aiohttp.StreamReader,
+        decision: Decision,
+        started: float,
+    ) -> web.StreamResponse:
+        """`run`, with the bookkeeping every relayed request gets: counters, record, log line."""
+        harbor = self.harbor
+        harbor.in_flight += 1
+        try:
+            return await self.run(request, plan, body, decision)
+        finally:
+            harbor.in_flight -= 1
+            decision.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            harbor.record(decision)
+            if decision.status >= 500:
+                harbor.counters.failed += 1
+            elif decision.status >= 400:
+                harbor.counters.client_errors += 1
+            _log_decision(decision)
+
     async def run(
         self,
         request: web.Request,
@@ -167,14 +199,22 @@ class Relay:
             if isinstance(outcome, web.StreamResponse):
                 decision.served_by = backend.name
                 decision.status = outcome.status
-                served = next((a for a in reversed(decision.attempts) if a.outcome == "served"), None)
+                served = next(
+                    (a for a in reversed(decision.attempts) if a.outcome == "served"), None
+                )
                 if served is not None:
                     served.ms = round(elapsed, 3)
                 return outcome
             failure = outcome
             decision.attempts.append(
-                Attempt(backend.name, "failed", failure.error_class, failure.text[:300], failure.status,
-                        round(elapsed, 3))
+                Attempt(
+                    backend.name,
+                    "failed",
+                    failure.error_class,
+                    failure.text[:300],
+                    failure.status,
+                    round(elapsed, 3),
+                )
             )
             failures.append((backend.name, failure))
             self._react(backend, failure, plan, decision)
@@ -195,7 +235,9 @@ class Relay:
     ) -> web.StreamResponse | Failure:
         config = backend.config
         if not await backend.limiter.acquire():
-            return Failure("busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s")
+            return Failure(
+                "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
+            )
         backend.in_flight += 1
         upstream: aiohttp.ClientResponse | None = None
         deadline = asyncio.timeout(config.first_byte_timeout)
@@ -217,29 +259,58 @@ class Relay:
                     streaming = upstream.content_type in _STREAM_TYPES
                     first = await (_first_line(upstream.content) if streaming else upstream.read())
             except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: this one first
-                return Failure("network", f"connecting to {backend.name} timed out after "
-                               f"{config.connect_timeout:g}s", timeout=True)
+                return Failure(
+                    "network",
+                    f"connecting to {backend.name} timed out after {config.connect_timeout:g}s",
+                    timeout=True,
+                )
             except TimeoutError:
                 if backend.hung:
-                    return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
-                return Failure("network", f"no answer from {backend.name} within "
-                               f"{config.first_byte_timeout:g}s", timeout=True)
+                    return Failure(
+                        "network", f"{backend.name} is hung (probes time out)", timeout=True
+                    )
+                return Failure(
+                    "network",
+                    f"no answer from {backend.name} within {config.first_byte_timeout:g}s",
+                    timeout=True,
+                )
             except aiohttp.ClientConnectorError as err:
-                return Failure("network", f"cannot connect to {backend.name}: "
-                               f"{err.os_error.strerror or type(err.os_error).__name__}")
+                return Failure(
+                    "network",
+                    f"cannot connect to {backend.name}: "
+                    f"{err.os_error.strerror or type(err.os_error).__name__}",
+                )
             except (aiohttp.ClientError, OSError) as err:
-                return Failure("network", f"{backend.name} broke the connection ({type(err).__name__})")
+                return Failure(
+                    "network", f"{backend.name} broke the connection ({type(err).__name__})"
+                )
             finally:
                 backend.waiting.discard(deadline)
 
-            if not streaming and upstream.content_type == "application/json" and not _is_json(first):
+            if (
+                not streaming
+                and upstream.content_type == "application/json"
+                and not _is_json(first)
+            ):
                 # Ollama's answers are JSON: this one is broken, and nothing is sent yet.
-                return Failure("other", f"{backend.name} answered {upstream.status} with a body "
-                               "that is not JSON", upstream.status, first, upstream.content_type)
+                return Failure(
+                    "other",
+                    f"{backend.name} answered {upstream.status} with a body that is not JSON",
+                    upstream.status,
+                    first,
+                    upstream.content_type,
+                )
             if streaming and b"\n" not in first and len(first) < MAX_LINE:
-                what = "an empty stream" if not first else "a stream that ends inside its first line"
-                return Failure("other", f"{backend.name} answered {what}", upstream.status, first,
-                               upstream.content_type)
+                what = (
+                    "an empty stream" if not first else "a stream that ends inside its first line"
+                )
+                return Failure(
+                    "other",
+                    f"{backend.name} answered {what}",
+                    upstream.status,
+                    first,
+                    upstream.content_type,
+                )
             if _looks_like_error(first):
                 # A 200 whose first line is an error: still nothing sent, so move on.
                 text = error_text(first.split(b"\n", 1)[0].removeprefix(b"data:").strip())
@@ -294,15 +365,19 @@ class Relay:
                 failure = "other", f"{backend.name} ended its stream inside a line"
         except TimeoutError:
             failure = "network", f"{backend.name} sent nothing for {idle:g}s"
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError) as err:
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+        ) as err:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left, not the backend
             failure = "network", f"{backend.name} broke off the stream ({type(err).__name__})"
         if failure is not None:
             error_class, text = failure
-            decision.attempts.append(Attempt(backend.name, "failed", error_class, text,
-                                             after_first_byte=True))
+            decision.attempts.append(
+                Attempt(backend.name, "failed", error_class, text, after_first_byte=True)
+            )
             backend.record_failure(error_class, text)
             log.warning("request %s: %s after the first byte; ending the stream", decision.id, text)
             sse = upstream.content_type == "text/event-stream"
@@ -343,19 +418,27 @@ class Relay:
     def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:
         """What a failure teaches us: pins, health."""
         backend.record_failure(
-            failure.error_class, failure.text,
+            failure.error_class,
+            failure.text,
             refused=failure.text.startswith("cannot connect"),
         )
         if failure.error_class == "oom" and backend.config.kind == "gpu" and plan.model:
             target = self._cpu_for(plan)
             if target is not None:
                 self.harbor.pin(
-                    plan.model, target,
+                    plan.model,
+                    target,
                     f"out of memory on {backend.name}: {failure.text[:160]}",
-                    self.harbor.config.routing.oom_pin_for, "oom",
+                    self.harbor.config.routing.oom_pin_for,
+                    "oom",
                 )
-        log.info("request %s: %s failed (%s): %s", decision.id, backend.name,
-                 failure.error_class, failure.text[:200])
+        log.info(
+            "request %s: %s failed (%s): %s",
+            decision.id,
+            backend.name,
+            failure.error_class,
+            failure.text[:200],
+        )
 
     def _cpu_for(self, plan: Plan) -> str | None:
         backends = self.harbor.backends
@@ -382,9 +465,12 @@ class Relay:
             # The backend's own 4xx answer goes back as it is.
             headers["X-Harbor-Backend"] = name
             decision.status = last.status
-            return web.Response(status=last.status, body=last.body,
-                                content_type=last.content_type or "application/json",
-                                headers=headers)
+            return web.Response(
+                status=last.status,
+                body=last.body,
+                content_type=last.content_type or "application/json",
+                headers=headers,
+            )
         summary = "; ".join(f"{n}: {f.text}" for n, f in failures)
         if classes == {"model"}:
             status, message = 404, failures[0][1].text
@@ -400,6 +486,26 @@ class Relay:
         return error_response(status, message, openai, headers)
 
 
+def _log_decision(d: Decision) -> None:
+    """The one line per request: who asked for what, the plan, who served, what failed."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    failed = [f"{a.backend}={a.error_class}" for a in d.attempts if a.outcome == "failed"]
+    log.info(
+        "%s %s %s model=%s intent=%s plan=%s served=%s%s status=%s %.1fms",
+        d.id,
+        d.method,
+        d.path,
+        d.model,
+        d.intent,
+        ">".join(d.plan.backends) or "-",
+        d.served_by or "-",
+        f" fallbacks={','.join(failed)}" if failed else "",
+        d.status or "client-gone",
+        d.duration_ms,
+    )
+
+
 async def _failure_from_answer(upstream: aiohttp.ClientResponse) -> Failure:
     # read(n) returns what has arrived so far: loop to the end (or the cap).
     parts: list[bytes] = []
@@ -412,8 +518,9 @@ async def _failure_from_answer(upstream: aiohttp.ClientResponse) -> Failure:
         size += len(part)
     body = b"".join(parts)
     text = error_text(body) or f"HTTP {upstream.status}"
-    return Failure(classify(upstream.status, text), text, upstream.status, body,
-                   upstream.content_type)
+    return Failure(
+        classify(upstream.status, text), text, upstream.status, body, upstream.content_type
+    )
 
 
 RELAY: web.AppKey[Relay] = web.AppKey("relay", Relay)

@@ -101,9 +101,16 @@ async def routed(request: web.Request) -> web.StreamResponse:
         async with asyncio.timeout(harbor.config.client_timeout):
             body = await read_body(request, harbor.config.max_body_size)
     except BodyTooLarge:
-        return _client_error(harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai)
+        return _client_error(
+            harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai
+        )
     except TimeoutError:
-        return _client_error(harbor, 408, f"request body not received within {harbor.config.client_timeout:g}s", openai)
+        return _client_error(
+            harbor,
+            408,
+            f"request body not received within {harbor.config.client_timeout:g}s",
+            openai,
+        )
     if not body:
         return _client_error(harbor, 400, "missing request body", openai)
     try:
@@ -147,30 +154,7 @@ async def routed(request: web.Request) -> web.StreamResponse:
     )
     if harbor.config.log_bodies:
         log.debug("request %s body: %s", request_id, body[:4096].decode("utf-8", "replace"))
-    harbor.in_flight += 1
-    try:
-        response = await request.app[RELAY].run(request, plan, body, decision)
-    finally:
-        harbor.in_flight -= 1
-        decision.duration_ms = round((time.monotonic() - started) * 1000, 3)
-        harbor.record(decision)
-        _log_decision(decision)
-    if decision.status >= 400:
-        if decision.status < 500:
-            harbor.counters.client_errors += 1
-        else:
-            harbor.counters.failed += 1
-    return response
-
-
-def _log_decision(d: Decision) -> None:
-    failed = [f"{a.backend}={a.error_class}" for a in d.attempts if a.outcome == "failed"]
-    log.info(
-        "%s %s model=%s intent=%s plan=%s served=%s%s status=%s %.1fms",
-        d.id, d.path, d.model, d.intent, ">".join(d.plan.backends) or "-",
-        d.served_by or "-", f" fallbacks={','.join(failed)}" if failed else "",
-        d.status or "client-gone", d.duration_ms,
-    )
+    return await request.app[RELAY].serve(request, plan, body, decision, started)
 
 
 def _client_error(harbor: Harbor, status: int, message: str, openai: bool) -> web.Response:
@@ -200,7 +184,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return error_response(500, "internal error in harbord (details in its log)", is_openai(request.path))
+        return error_response(
+            500, "internal error in harbord (details in its log)", is_openai(request.path)
+        )
 
 
 class _MalformedRequests(logging.Filter):
@@ -227,8 +213,11 @@ http_log.addFilter(_MalformedRequests())
 def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
     """The application; with `token`, every request must carry it (the TCP listener)."""
     middlewares = [json_errors] if token is None else [json_errors, bearer_middleware(token)]
-    app = web.Application(middlewares=middlewares, client_max_size=harbor.config.max_body_size,
-                          handler_args={"logger": http_log})
+    app = web.Application(
+        middlewares=middlewares,
+        client_max_size=harbor.config.max_body_size,
+        handler_args={"logger": http_log},
+    )
     app[HARBOR] = harbor
     app[RELAY] = Relay(harbor)
     router = app.router

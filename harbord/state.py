@@ -61,7 +61,9 @@ class StateStore:
                 where = f"set aside as {aside.name}"
             except OSError as move_err:
                 where = f"could not be set aside ({move_err.strerror})"
-            self.note = f"state file {self.path} is corrupt ({err}); {where}; starting with empty state"
+            self.note = (
+                f"state file {self.path} is corrupt ({err}); {where}; starting with empty state"
+            )
             log.warning("%s", self.note)
             return
         self.pins = dict(state.pins)
@@ -123,4 +125,3 @@ class StateStore:
         for model in gone:
             del self.pins[model]
         return gone
-

@@ -64,7 +64,10 @@ class Harbord:
         workdir.mkdir(parents=True, exist_ok=True)
         text = ['log_level = "debug"', 'drain_timeout = "5s"', extra_config, FAST_ROUTING]
         for name, (url, kind) in (backends or {}).items():
-            text.append(f'[backends.{name}]\nurl = "{url}"\nkind = "{kind}"\nunit = "ollama-{name}@test.service"\n')
+            text.append(
+                f'[backends.{name}]\nurl = "{url}"\nkind = "{kind}"\n'
+                f'unit = "ollama-{name}@test.service"\n'
+            )
         daemon = cls(workdir, "\n".join(text), env)
         daemon.launch(wait)
         return daemon
@@ -72,7 +75,8 @@ class Harbord:
     def launch(self, wait: bool = True) -> None:
         (self.workdir / "run").mkdir(mode=0o700, exist_ok=True)
         env = {
-            k: v for k, v in os.environ.items()
+            k: v
+            for k, v in os.environ.items()
             if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "OLLAMA_", "HARBOR_"))
         }
         env.update(
@@ -84,9 +88,19 @@ class Harbord:
         env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "harbord", "--config", str(self.config_path),
-                 "--state-dir", str(self.state_dir)],
-                stdout=log, stderr=log, env=env, cwd=ROOT,
+                [
+                    sys.executable,
+                    "-m",
+                    "harbord",
+                    "--config",
+                    str(self.config_path),
+                    "--state-dir",
+                    str(self.state_dir),
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=ROOT,
             )
         if wait:
             self.wait_ready()

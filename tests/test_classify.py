@@ -13,10 +13,17 @@ CASES = [
     (500, "model requires more system memory (10.9 GiB) than is available (7.6 GiB)", "oom"),
     (500, "llama runner process has terminated: CUDA error: out of memory", "oom"),
     (500, "llama runner process has terminated: cudaMalloc failed: out of memory", "oom"),
-    (500, "llama runner process has terminated: error loading model: unable to allocate CUDA0 "
-          "buffer", "oom"),
-    (500, "llama runner process has terminated: error loading model: unable to allocate "
-          "CUDA_Host buffer", "oom"),
+    (
+        500,
+        "llama runner process has terminated: error loading model: unable to allocate CUDA0 buffer",
+        "oom",
+    ),
+    (
+        500,
+        "llama runner process has terminated: error loading model: unable to allocate "
+        "CUDA_Host buffer",
+        "oom",
+    ),
     (500, "llama-server reported out-of-memory during startup: failed to fit", "oom"),
     (200, "an error was encountered while running the model: CUDA error: out of memory", "oom"),
     (500, "insufficient memory to load model", "oom"),
@@ -24,10 +31,18 @@ CASES = [
     (500, "llama runner process has terminated: exit status 2", "driver"),
     (500, "llama runner process has terminated: signal: aborted (core dumped)", "driver"),
     (500, "llama runner process has terminated: error:fault", "driver"),
-    (500, "llama runner process has terminated: error:failed to create context with model "
-          "'/models/blobs/sha256-x'", "driver"),
-    (500, "model runner has unexpectedly stopped, this may be due to resource limitations or an "
-          "internal error, check ollama server logs for details", "driver"),
+    (
+        500,
+        "llama runner process has terminated: error:failed to create context with model "
+        "'/models/blobs/sha256-x'",
+        "driver",
+    ),
+    (
+        500,
+        "model runner has unexpectedly stopped, this may be due to resource limitations or an "
+        "internal error, check ollama server logs for details",
+        "driver",
+    ),
     (500, "ggml_vulkan: device lost", "driver"),
     (500, "HIP error: invalid device function", "driver"),
     (500, "ROCm initialisation failed", "driver"),
@@ -60,7 +75,10 @@ def test_classify(status: int, text: str, expected: str) -> None:
     ("body", "text"),
     [
         (b'{"error":"model \'x\' not found"}', "model 'x' not found"),
-        (b'{"error":{"message":"model \\"x\\" not found","type":"api_error"}}', 'model "x" not found'),
+        (
+            b'{"error":{"message":"model \\"x\\" not found","type":"api_error"}}',
+            'model "x" not found',
+        ),
         (b"<html>Bad Gateway</html>", "<html>Bad Gateway</html>"),
         (b'{"detail": 1}', '{"detail": 1}'),
         (b"", ""),

@@ -37,15 +37,20 @@ def test_xdg_locations(tmp_path: Path) -> None:
     cfg_home = tmp_path / "cfg"
     (cfg_home / "harbor").mkdir(parents=True)
     (cfg_home / "harbor" / "harbord.toml").write_text('log_level = "debug"\n')
-    cfg = load(env=env_for(tmp_path, XDG_CONFIG_HOME=str(cfg_home), XDG_STATE_HOME=str(tmp_path / "st")))
+    cfg = load(
+        env=env_for(tmp_path, XDG_CONFIG_HOME=str(cfg_home), XDG_STATE_HOME=str(tmp_path / "st"))
+    )
     assert cfg.path == cfg_home / "harbor" / "harbord.toml"
     assert cfg.log_level == "debug"
     assert cfg.state_dir == tmp_path / "st" / "harbor"
 
 
 def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
-    path = write(tmp_path, 'socket = "/file.sock"\n[backends.gpu]\nurl = "http://127.0.0.1:1"\n'
-                           '[backends.cpu]\nurl = "http://127.0.0.1:2"\n')
+    path = write(
+        tmp_path,
+        'socket = "/file.sock"\n[backends.gpu]\nurl = "http://127.0.0.1:1"\n'
+        '[backends.cpu]\nurl = "http://127.0.0.1:2"\n',
+    )
     env = env_for(tmp_path, HARBOR_CONFIG=str(path))
     cfg = load(env=env)
     assert (str(cfg.socket), cfg.backends["gpu"].url) == ("/file.sock", "http://127.0.0.1:1")
@@ -62,7 +67,9 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
 
 
 def test_named_backends_are_not_fixed_at_two(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [backends.big-gpu]
 url = "http://127.0.0.1:11500"
 kind = "gpu"
@@ -78,7 +85,8 @@ kind = "cpu"
 [models."codellama:13b"]
 intent = "heavy"
 pin = "cpu2"
-""")
+""",
+    )
     cfg = load(Overrides(config=str(path)), env=env_for(tmp_path))
     assert list(cfg.backends) == ["big-gpu", "gpu", "cpu", "cpu2"]
     assert cfg.backends["big-gpu"].vram == 12 * 1024**3
@@ -95,18 +103,24 @@ pin = "cpu2"
     [
         ("log_level = 3\n", "log_level", "Expected `str`"),
         ("colour = true\n", "colour", "unknown key"),
-        ("[routing]\ndefault_intent = \"quick\"\n", "routing.default_intent", "Invalid enum value"),
-        ("[routing]\noom_pin_for = \"a day\"\n", "routing.oom_pin_for", "expected a duration"),
-        ("[backends.gpu]\nurl = \"ftp://x\"\n", "backends.gpu", "expected http://host:port"),
-        ("[backends.gpu]\nvram = \"lots\"\n", "backends.gpu.vram", "expected a size"),
-        ("[backends.tpu]\nurl = \"http://127.0.0.1:1\"\n", "backends.tpu.kind", "required key is missing"),
+        ('[routing]\ndefault_intent = "quick"\n', "routing.default_intent", "Invalid enum value"),
+        ('[routing]\noom_pin_for = "a day"\n', "routing.oom_pin_for", "expected a duration"),
+        ('[backends.gpu]\nurl = "ftp://x"\n', "backends.gpu", "expected http://host:port"),
+        ('[backends.gpu]\nvram = "lots"\n', "backends.gpu.vram", "expected a size"),
+        (
+            '[backends.tpu]\nurl = "http://127.0.0.1:1"\n',
+            "backends.tpu.kind",
+            "required key is missing",
+        ),
         ("[backends.gpu]\ntimeout = 3\n", "backends.gpu.timeout", "unknown key"),
-        ("[models.\"x\"]\npin = \"tpu\"\n", 'models."x".pin', "expected one of"),
-        ("[models.\"x\"]\nintent = \"slow\"\n", 'models."x".intent', "Invalid enum value"),
-        ("[tcp]\nlisten = \"nowhere\"\n", "tcp.listen", "expected host:port"),
+        ('[models."x"]\npin = "tpu"\n', 'models."x".pin', "expected one of"),
+        ('[models."x"]\nintent = "slow"\n', 'models."x".intent', "Invalid enum value"),
+        ('[tcp]\nlisten = "nowhere"\n', "tcp.listen", "expected host:port"),
     ],
 )
-def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, key: str, what: str) -> None:
+def test_errors_name_file_key_and_expectation(
+    tmp_path: Path, text: str, key: str, what: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load(Overrides(config=str(path)), env=env_for(tmp_path))
@@ -130,15 +144,24 @@ def test_env_url_is_validated(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "seconds"), [(30, 30.0), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("24h", 86400.0),
-                         ("2d", 172800.0), ("1.5", 1.5)],
+    ("raw", "seconds"),
+    [
+        (30, 30.0),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("24h", 86400.0),
+        ("2d", 172800.0),
+        ("1.5", 1.5),
+    ],
 )
 def test_parse_duration(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == seconds
 
 
 @pytest.mark.parametrize(
-    ("raw", "size"), [(1024, 1024), ("8GiB", 8 * 1024**3), ("7.5GB", 7_500_000_000), ("512MiB", 512 * 1024**2)],
+    ("raw", "size"),
+    [(1024, 1024), ("8GiB", 8 * 1024**3), ("7.5GB", 7_500_000_000), ("512MiB", 512 * 1024**2)],
 )
 def test_parse_size(raw: object, size: int) -> None:
     assert parse_size(raw) == size

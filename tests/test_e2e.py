@@ -26,8 +26,12 @@ from tests.harness import ROOT, Harbord
 pytestmark = pytest.mark.e2e
 
 GB = 1_000_000_000
-MODELS = ["llama3.2:latest=2000000000", "qwen2.5-coder:7b=4700000000", "codellama:13b=7400000000",
-          "nomic-embed-text:latest=270000000"]
+MODELS = [
+    "llama3.2:latest=2000000000",
+    "qwen2.5-coder:7b=4700000000",
+    "codellama:13b=7400000000",
+    "nomic-embed-text:latest=270000000",
+]
 
 
 @pytest.fixture
@@ -67,7 +71,12 @@ def served_by(chunks: list[Any]) -> str:
 
 def chat(daemon: Harbord, model: str = "llama3.2", **extra: Any) -> httpx.Response:
     headers = extra.pop("headers", {})
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+        **extra,
+    }
     with daemon.client() as client:
         return client.post("/api/chat", json=body, headers=headers)
 
@@ -79,7 +88,9 @@ def test_ollama_client_fast_goes_to_gpu(harbord: Harbord) -> None:
     client = ollama_client(harbord)
     reply = client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
     assert reply.message.content.startswith("[gpu]")
-    chunks = list(client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True))
+    chunks = list(
+        client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
     assert len(chunks) > 2 and chunks[-1].done
     assert "".join(c.message.content for c in chunks).startswith("[gpu]")
 
@@ -96,8 +107,11 @@ def test_heavy_intent_goes_to_cpu_by_header_and_by_body(harbord: Harbord, cpu: F
 
 
 def test_model_rule_and_default(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config='[models."qwen2.5-coder:7b"]\nintent = "heavy"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config='[models."qwen2.5-coder:7b"]\nintent = "heavy"\n',
+    )
     try:
         assert chat(daemon, "qwen2.5-coder:7b").headers["X-Harbor-Backend"] == "cpu"
         assert chat(daemon, "llama3.2").headers["X-Harbor-Backend"] == "gpu"
@@ -139,9 +153,14 @@ def test_memory_aware_big_model_goes_cpu_first(harbord: Harbord) -> None:
 
 
 def test_model_size_limit_from_config(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
-    daemon = Harbord.start(tmp_path, {}, extra_config=(
-        f'[backends.gpu]\nurl = "{gpu.url}"\nkind = "gpu"\nmax_model_size = "4GB"\n'
-        f'[backends.cpu]\nurl = "{cpu.url}"\nkind = "cpu"\n'))
+    daemon = Harbord.start(
+        tmp_path,
+        {},
+        extra_config=(
+            f'[backends.gpu]\nurl = "{gpu.url}"\nkind = "gpu"\nmax_model_size = "4GB"\n'
+            f'[backends.cpu]\nurl = "{cpu.url}"\nkind = "cpu"\n'
+        ),
+    )
     try:
         daemon.wait_for(lambda: daemon.backend("gpu")["models"], what="inventory")
         assert chat(daemon, "qwen2.5-coder:7b").headers["X-Harbor-Backend"] == "cpu"
@@ -206,8 +225,9 @@ def test_no_retry_after_first_byte(harbord: Harbord, gpu: FakeOllama, cpu: FakeO
     client = ollama_client(harbord)
     received: list[Any] = []
     with pytest.raises(ollama.ResponseError) as err:
-        for chunk in client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}],
-                                 stream=True):
+        for chunk in client.chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
             received.append(chunk)
     assert "out of memory" in err.value.error
     assert "".join(c.message.content for c in received).startswith("[gpu]")
@@ -216,9 +236,14 @@ def test_no_retry_after_first_byte(harbord: Harbord, gpu: FakeOllama, cpu: FakeO
 
 def test_backend_dies_mid_stream_ends_with_error_line(harbord: Harbord, gpu: FakeOllama) -> None:
     gpu.set_faults({"die_after_chunks": 3})
-    with harbord.client() as client, client.stream(
-        "POST", "/api/chat", json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
-    ) as response:
+    with (
+        harbord.client() as client,
+        client.stream(
+            "POST",
+            "/api/chat",
+            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+        ) as response,
+    ):
         lines = [json.loads(line) for line in response.iter_lines() if line]
     assert response.status_code == 200
     assert "error" in lines[-1]
@@ -226,13 +251,29 @@ def test_backend_dies_mid_stream_ends_with_error_line(harbord: Harbord, gpu: Fak
 
 
 def test_tool_calls_pass_through(harbord: Harbord, gpu: FakeOllama) -> None:
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     client = ollama_client(harbord)
-    reply = client.chat(model="llama3.2", messages=[{"role": "user", "content": "weather?"}],
-                        tools=tools, options={"temperature": 0}, keep_alive="1m", think=True)
+    reply = client.chat(
+        model="llama3.2",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=tools,
+        options={"temperature": 0},
+        keep_alive="1m",
+        think=True,
+    )
     assert reply.message.tool_calls[0].function.name == "get_weather"
     assert reply.message.tool_calls[0].function.arguments == {"city": "test"}
     body = [r for r in gpu.requests() if r["path"] == "/api/chat"][-1]["body"]
@@ -242,11 +283,18 @@ def test_tool_calls_pass_through(harbord: Harbord, gpu: FakeOllama) -> None:
 
 def test_client_disconnect_cancels_upstream(harbord: Harbord, gpu: FakeOllama) -> None:
     gpu.set_faults({"token_delay": 0.2})
-    with harbord.client() as client, client.stream(
-        "POST", "/api/chat",
-        json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}],
-              "options": {"num_predict": 200}},
-    ) as response:
+    with (
+        harbord.client() as client,
+        client.stream(
+            "POST",
+            "/api/chat",
+            json={
+                "model": "llama3.2",
+                "messages": [{"role": "user", "content": "x"}],
+                "options": {"num_predict": 200},
+            },
+        ) as response,
+    ):
         for _ in response.iter_lines():
             break  # got the first chunk: now walk away
 
@@ -262,14 +310,20 @@ def test_client_disconnect_cancels_upstream(harbord: Harbord, gpu: FakeOllama) -
 
 def test_openai_client(harbord: Harbord) -> None:
     client = openai.OpenAI(
-        base_url="http://harbor/v1", api_key="unused",
+        base_url="http://harbor/v1",
+        api_key="unused",
         http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(harbord.socket))),
     )
-    reply = client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.choices[0].message.content.startswith("[gpu]")
     stream = client.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True,
-        extra_headers={"X-Harbor-Intent": "heavy"})
+        model="llama3.2",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"X-Harbor-Intent": "heavy"},
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.startswith("[cpu]")
     models = client.models.list()
@@ -277,14 +331,26 @@ def test_openai_client(harbord: Harbord) -> None:
     embedding = client.embeddings.create(model="nomic-embed-text", input="hello")
     assert len(embedding.data[0].embedding) > 0
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
 
 
 def test_curl_unix_socket(harbord: Harbord) -> None:
     out = subprocess.run(
-        ["curl", "-sS", "-i", "--unix-socket", str(harbord.socket), "http://localhost/api/generate",
-         "-d", '{"model": "llama3.2", "prompt": "hi", "stream": false}'],
-        check=True, capture_output=True, text=True,
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--unix-socket",
+            str(harbord.socket),
+            "http://localhost/api/generate",
+            "-d",
+            '{"model": "llama3.2", "prompt": "hi", "stream": false}',
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert out.startswith("HTTP/1.1 200")
     assert "X-Harbor-Backend: gpu" in out
@@ -301,15 +367,16 @@ def test_aggregated_endpoints(harbord: Harbord, gpu: FakeOllama, cpu: FakeOllama
         assert http.head("/").status_code == 200
         assert http.get("/api/version").json()["version"]
     client.generate(model="llama3.2", prompt="hi")
-    client.generate(model="llama3.2", prompt="hi", options={}, keep_alive="5m",
-                    **{})  # still gpu
+    client.generate(model="llama3.2", prompt="hi", options={}, keep_alive="5m", **{})  # still gpu
     assert [m.model for m in client.ps().models] == ["llama3.2:latest"]
     assert client.show("llama3.2").modelfile is not None
     assert len(client.embed(model="nomic-embed-text", input=["a", "b"]).embeddings) == 2
     assert len(client.embeddings(model="nomic-embed-text", prompt="a").embedding) > 0
 
 
-def test_pull_goes_to_one_backend_with_progress(harbord: Harbord, gpu: FakeOllama, cpu: FakeOllama) -> None:
+def test_pull_goes_to_one_backend_with_progress(
+    harbord: Harbord, gpu: FakeOllama, cpu: FakeOllama
+) -> None:
     client = ollama_client(harbord)
     statuses = [p.status for p in client.pull("tinyllama", stream=True)]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
@@ -325,9 +392,16 @@ def test_clear_errors_for_bad_input(harbord: Harbord) -> None:
             (client.post("/api/chat", json={"messages": []}), 400, "model is required"),
             (client.post("/api/chat", json={"model": ""}), 400, "model is required"),
             (client.post("/api/chat", json={"model": 7}), 400, "invalid request"),
-            (client.post("/api/chat", json={"model": "x", "intent": "turbo"}), 400, "unknown intent"),
-            (client.post("/api/chat", json={"model": "x"}, headers={"X-Harbor-Backend": "tpu"}), 400,
-             "unknown backend"),
+            (
+                client.post("/api/chat", json={"model": "x", "intent": "turbo"}),
+                400,
+                "unknown intent",
+            ),
+            (
+                client.post("/api/chat", json={"model": "x"}, headers={"X-Harbor-Backend": "tpu"}),
+                400,
+                "unknown backend",
+            ),
             (client.post("/api/chat", json={"model": "../../etc"}), 400, "invalid model name"),
             (client.get("/api/nothing"), 404, "no such endpoint"),
             (client.get("/api/chat"), 405, "not allowed"),
@@ -344,8 +418,11 @@ def test_clear_errors_for_bad_input(harbord: Harbord) -> None:
 
 
 def test_body_over_limit_is_413(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config='max_body_size = "1KiB"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config='max_body_size = "1KiB"\n',
+    )
     try:
         response = chat(daemon, messages=[{"role": "user", "content": "x" * 4096}])
         assert response.status_code == 413
@@ -355,20 +432,33 @@ def test_body_over_limit_is_413(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama
 
 
 def test_backend_4xx_is_passed_back(harbord: Harbord, gpu: FakeOllama, cpu: FakeOllama) -> None:
-    gpu.set_faults({"status": {"code": 400, "error": "\"llama3.2\" does not support thinking"}})
+    gpu.set_faults({"status": {"code": 400, "error": '"llama3.2" does not support thinking'}})
     response = chat(harbord)
     assert response.status_code == 400
-    assert response.json() == {"error": "\"llama3.2\" does not support thinking"}
+    assert response.json() == {"error": '"llama3.2" does not support thinking'}
     assert not [r for r in cpu.requests() if r["path"] == "/api/chat"]
 
 
 # --- operator surface ---------------------------------------------------------------
 
 
-def harborctl(daemon: Harbord, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HARBOR_SOCKET": str(daemon.socket), "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "harbord.ctl.main", *args], capture_output=True,
-                          text=True, env=env, input=stdin, timeout=30)
+def harborctl(
+    daemon: Harbord, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HARBOR_SOCKET": str(daemon.socket),
+        "PYTHONPATH": str(ROOT),
+        "NO_COLOR": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "harbord.ctl.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=30,
+    )
 
 
 def test_harborctl_against_the_daemon(harbord: Harbord) -> None:
@@ -400,8 +490,13 @@ def test_harborctl_against_the_daemon(harbord: Harbord) -> None:
 
 def test_harborctl_unreachable(tmp_path: Path) -> None:
     env = {**os.environ, "HARBOR_SOCKET": str(tmp_path / "none.sock"), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "harbord.ctl.main", "status"], capture_output=True,
-                            text=True, env=env, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "harbord.ctl.main", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert "harbord" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -410,9 +505,21 @@ def test_socket_mode_and_liveness(harbord: Harbord, tmp_path: Path) -> None:
     assert oct(harbord.socket.stat().st_mode & 0o777) == "0o600"
     # A second daemon on the same socket refuses to start instead of stealing it.
     second = subprocess.run(
-        [sys.executable, "-m", "harbord", "--config", str(harbord.config_path),
-         "--socket", str(harbord.socket), "--state-dir", str(tmp_path / "s2")],
-        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "harbord",
+            "--config",
+            str(harbord.config_path),
+            "--socket",
+            str(harbord.socket),
+            "--state-dir",
+            str(tmp_path / "s2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert second.returncode != 0
     assert "already running" in second.stderr
@@ -434,12 +541,20 @@ def test_corrupt_state_file_starts_clean(tmp_path: Path, gpu: FakeOllama, cpu: F
 def test_check_config_and_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[backends.gpu]\nconnect_timeout = "soon"\n')
-    result = subprocess.run([sys.executable, "-m", "harbord", "--config", str(bad), "--check-config"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "harbord", "--config", str(bad), "--check-config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert str(bad) in result.stderr and "backends.gpu.connect_timeout" in result.stderr
-    good = subprocess.run([sys.executable, "-m", "harbord", "--check-config", "--gpu-url",
-                           "http://127.0.0.1:9"], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HOME": str(tmp_path)})
+    good = subprocess.run(
+        [sys.executable, "-m", "harbord", "--check-config", "--gpu-url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
     assert good.returncode == 0
     assert "flag --gpu-url" in good.stdout and "http://127.0.0.1:9" in good.stdout

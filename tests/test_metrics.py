@@ -34,7 +34,9 @@ def scrape(harbord: Harbord) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return samples
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -43,20 +45,30 @@ def test_metrics_move_with_requests(daemon: tuple[Harbord, FakeOllama, FakeOllam
     before = scrape(harbord)
     assert value(before, "harbor_backend_up", backend="gpu") == 1
     assert value(before, "harbor_backend_health", backend="cpu", state="up") == 1
-    assert value(before, "harbor_requests_total", backend="gpu", intent="fast", outcome="served") == 0
+    assert (
+        value(before, "harbor_requests_total", backend="gpu", intent="fast", outcome="served") == 0
+    )
     assert ("process_resident_memory_bytes", ()) in before
 
     with harbord.client() as client:
         for _ in range(3):
             client.post("/api/chat", json={"model": "llama3.2", "messages": []})
         gpu.set_faults({"oom_models": ["codellama:13b"]})
-        assert client.post("/api/generate", json={"model": "codellama:13b", "prompt": "x",
-                                                  "stream": False}).status_code == 200
+        assert (
+            client.post(
+                "/api/generate", json={"model": "codellama:13b", "prompt": "x", "stream": False}
+            ).status_code
+            == 200
+        )
         client.post("/api/chat", json={"model": "llama3.2"}, headers={"X-Harbor-Intent": "bogus"})
 
     after = scrape(harbord)
-    assert value(after, "harbor_requests_total", backend="gpu", intent="fast", outcome="served") == 3
-    assert value(after, "harbor_requests_total", backend="cpu", intent="fast", outcome="served") == 1
+    assert (
+        value(after, "harbor_requests_total", backend="gpu", intent="fast", outcome="served") == 3
+    )
+    assert (
+        value(after, "harbor_requests_total", backend="cpu", intent="fast", outcome="served") == 1
+    )
     assert value(after, "harbor_fallbacks_total", backend="gpu", error_class="oom") == 1
     assert value(after, "harbor_pins", backend="cpu") == 1
     assert value(after, "harbor_pins_set_total", source="oom") == 1

@@ -13,8 +13,9 @@ from harbord.schemas import Affinity, Pin
 NOW = 1_000_000.0
 GB = 1_000_000_000
 
-GPU = BackendView("gpu", "gpu", "up", models={"small:latest": 2 * GB, "big:13b": 8 * GB},
-                  memory_limit=6 * GB)
+GPU = BackendView(
+    "gpu", "gpu", "up", models={"small:latest": 2 * GB, "big:13b": 8 * GB}, memory_limit=6 * GB
+)
 CPU = BackendView("cpu", "cpu", "up", models={"small:latest": 2 * GB, "big:13b": 8 * GB})
 
 
@@ -30,7 +31,12 @@ def route(
 ) -> list[str]:
     result = plan(
         RouteRequest(model, intent_header=intent, intent_body=body_intent, forced_backend=forced),
-        backends, pins or {}, affinity or {}, rules or {}, "fast", NOW,
+        backends,
+        pins or {},
+        affinity or {},
+        rules or {},
+        "fast",
+        NOW,
     )
     return result.backends
 
@@ -54,43 +60,79 @@ CASES = [
     ("pin beats fast", {"pins": pin_to("cpu")}, ["cpu", "gpu"]),
     ("pin beats heavy", {"intent": "heavy", "pins": pin_to("gpu")}, ["gpu", "cpu"]),
     ("expired pin ignored", {"pins": pin_to("cpu", until=NOW - 1)}, ["gpu", "cpu"]),
-    ("state pin beats rule pin",
-     {"pins": pin_to("gpu"), "rules": {"small": ModelRule(pin="cpu")}}, ["gpu", "cpu"]),
+    (
+        "state pin beats rule pin",
+        {"pins": pin_to("gpu"), "rules": {"small": ModelRule(pin="cpu")}},
+        ["gpu", "cpu"],
+    ),
     ("affinity on fast", {"affinity": affine("cpu")}, ["cpu", "gpu"]),
     ("no affinity on heavy", {"intent": "heavy", "affinity": affine("gpu")}, ["cpu", "gpu"]),
     ("pin beats affinity", {"pins": pin_to("gpu"), "affinity": affine("cpu")}, ["gpu", "cpu"]),
     ("gpu down goes last", {"backends": (replace(GPU, health="down"), CPU)}, ["cpu", "gpu"]),
-    ("degraded after healthy",
-     {"backends": (replace(GPU, health="degraded"), CPU)}, ["cpu", "gpu"]),
-    ("unknown health counts as up",
-     {"backends": (replace(GPU, health="unknown"), CPU)}, ["gpu", "cpu"]),
-    ("down beats pin", {"pins": pin_to("cpu"), "backends": (GPU, replace(CPU, health="down"))},
-     ["gpu", "cpu"]),
+    (
+        "degraded after healthy",
+        {"backends": (replace(GPU, health="degraded"), CPU)},
+        ["cpu", "gpu"],
+    ),
+    (
+        "unknown health counts as up",
+        {"backends": (replace(GPU, health="unknown"), CPU)},
+        ["gpu", "cpu"],
+    ),
+    (
+        "down beats pin",
+        {"pins": pin_to("cpu"), "backends": (GPU, replace(CPU, health="down"))},
+        ["gpu", "cpu"],
+    ),
     ("cooldown is out of the plan", {"backends": (replace(GPU, cooldown=True), CPU)}, ["cpu"]),
-    ("all cooling down: empty plan",
-     {"backends": (replace(GPU, cooldown=True), replace(CPU, cooldown=True))}, []),
-    ("missing on gpu goes last",
-     {"model": "cpuonly", "backends": (GPU, replace(CPU, models={"cpuonly:latest": GB}))},
-     ["cpu", "gpu"]),
-    ("unknown inventory is not missing",
-     {"model": "other", "backends": (replace(GPU, models=None), CPU)}, ["gpu", "cpu"]),
+    (
+        "all cooling down: empty plan",
+        {"backends": (replace(GPU, cooldown=True), replace(CPU, cooldown=True))},
+        [],
+    ),
+    (
+        "missing on gpu goes last",
+        {"model": "cpuonly", "backends": (GPU, replace(CPU, models={"cpuonly:latest": GB}))},
+        ["cpu", "gpu"],
+    ),
+    (
+        "unknown inventory is not missing",
+        {"model": "other", "backends": (replace(GPU, models=None), CPU)},
+        ["gpu", "cpu"],
+    ),
     ("missing everywhere keeps intent order", {"model": "nowhere"}, ["gpu", "cpu"]),
     ("too big for gpu goes cpu first on fast", {"model": "big:13b"}, ["cpu", "gpu"]),
-    ("too big and pinned to gpu stays", {"model": "big:13b",
-     "pins": {"big:13b": Pin("gpu", "op", NOW)}}, ["gpu", "cpu"]),
-    ("too big beats affinity", {"model": "big:13b",
-     "affinity": {"big:13b": Affinity("gpu", NOW)}}, ["cpu", "gpu"]),
-    ("spill is memory pressure",
-     {"backends": (replace(GPU, spilled={"small:latest": (2 * GB, GB)}), CPU)}, ["cpu", "gpu"]),
-    ("spill on the cpu backend is ignored",
-     {"intent": "fast", "backends": (GPU, replace(CPU, spilled={"small:latest": (2 * GB, GB)}))},
-     ["gpu", "cpu"]),
+    (
+        "too big and pinned to gpu stays",
+        {"model": "big:13b", "pins": {"big:13b": Pin("gpu", "op", NOW)}},
+        ["gpu", "cpu"],
+    ),
+    (
+        "too big beats affinity",
+        {"model": "big:13b", "affinity": {"big:13b": Affinity("gpu", NOW)}},
+        ["cpu", "gpu"],
+    ),
+    (
+        "spill is memory pressure",
+        {"backends": (replace(GPU, spilled={"small:latest": (2 * GB, GB)}), CPU)},
+        ["cpu", "gpu"],
+    ),
+    (
+        "spill on the cpu backend is ignored",
+        {"intent": "fast", "backends": (GPU, replace(CPU, spilled={"small:latest": (2 * GB, GB)}))},
+        ["gpu", "cpu"],
+    ),
     ("forced backend only", {"forced": "cpu"}, ["cpu"]),
-    ("config order breaks ties",
-     {"backends": (GPU, replace(GPU, name="gpu2"), CPU)}, ["gpu", "gpu2", "cpu"]),
-    ("three backends heavy",
-     {"intent": "heavy", "backends": (GPU, CPU, replace(CPU, name="cpu2"))},
-     ["cpu", "cpu2", "gpu"]),
+    (
+        "config order breaks ties",
+        {"backends": (GPU, replace(GPU, name="gpu2"), CPU)},
+        ["gpu", "gpu2", "cpu"],
+    ),
+    (
+        "three backends heavy",
+        {"intent": "heavy", "backends": (GPU, CPU, replace(CPU, name="cpu2"))},
+        ["cpu", "cpu2", "gpu"],
+    ),
 ]
 
 
@@ -110,7 +152,9 @@ def test_plan_explains_memory_and_pins() -> None:
 
 
 def test_excluded_backends_say_why() -> None:
-    result = plan(RouteRequest("small"), (replace(GPU, cooldown=True), CPU), {}, {}, {}, "fast", NOW)
+    result = plan(
+        RouteRequest("small"), (replace(GPU, cooldown=True), CPU), {}, {}, {}, "fast", NOW
+    )
     assert [s.backend for s in result.excluded] == ["gpu"]
     assert "refused" in result.excluded[0].reasons[0]
 
@@ -132,15 +176,20 @@ def test_intent_sources() -> None:
     assert plan(*base[:6], NOW).intent == "fast"
     header = plan(RouteRequest("small", intent_header="heavy"), *base[1:])
     assert (header.intent, header.intent_source) == ("heavy", "header")
-    rule = plan(RouteRequest("small"), (GPU, CPU), {}, {}, {"small": ModelRule(intent="heavy")},
-                "fast", NOW)
+    rule = plan(
+        RouteRequest("small"), (GPU, CPU), {}, {}, {"small": ModelRule(intent="heavy")}, "fast", NOW
+    )
     assert (rule.intent, rule.intent_source) == ("heavy", "model rule")
 
 
 @pytest.mark.parametrize(
     ("name", "canonical"),
-    [("llama3", "llama3:latest"), ("llama3:8b", "llama3:8b"),
-     ("hf.co/org/model", "hf.co/org/model:latest"), ("localhost:5000/x", "localhost:5000/x:latest")],
+    [
+        ("llama3", "llama3:latest"),
+        ("llama3:8b", "llama3:8b"),
+        ("hf.co/org/model", "hf.co/org/model:latest"),
+        ("localhost:5000/x", "localhost:5000/x:latest"),
+    ],
 )
 def test_normalize_model(name: str, canonical: str) -> None:
     assert normalize_model(name) == canonical

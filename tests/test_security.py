@@ -32,8 +32,10 @@ def other_user() -> str:
             if os.environ.get("CI"):
                 pytest.fail("the second-user test needs root in CI")
             pytest.skip("creating a second user needs root")
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        OTHER_USER], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+            check=True,
+        )
     return OTHER_USER
 
 
@@ -45,9 +47,21 @@ def backends() -> Iterator[tuple[FakeOllama, FakeOllama]]:
 
 def curl_as(user: str, socket_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["runuser", "-u", user, "--", "curl", "-sS", "-i", "--unix-socket", str(socket_path),
-         "http://localhost/harbor/status"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "curl",
+            "-sS",
+            "-i",
+            "--unix-socket",
+            str(socket_path),
+            "http://localhost/harbor/status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -57,8 +71,11 @@ def test_other_user_is_refused(backends: tuple[FakeOllama, FakeOllama], other_us
     # tmp_path is private to root, so use an open one.
     workdir = Path(tempfile.mkdtemp(prefix="harbor-peer-"))
     workdir.chmod(0o755)
-    daemon = Harbord.start(workdir, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config="allow_root = false\n")
+    daemon = Harbord.start(
+        workdir,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config="allow_root = false\n",
+    )
     try:
         (workdir / "run").chmod(0o755)
         # Mode 0600: the kernel refuses the connection.
@@ -88,14 +105,18 @@ def test_own_user_is_served(tmp_path: Path, backends: tuple[FakeOllama, FakeOlla
         daemon.stop()
 
 
-def test_no_tcp_listener_by_default(tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]) -> None:
+def test_no_tcp_listener_by_default(
+    tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
+) -> None:
     gpu, cpu = backends
     daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
     try:
         assert daemon.proc is not None
         listening = Path(f"/proc/{daemon.proc.pid}/net/tcp").read_text()
-        inodes = {os.readlink(f"/proc/{daemon.proc.pid}/fd/{fd}")
-                  for fd in os.listdir(f"/proc/{daemon.proc.pid}/fd")}
+        inodes = {
+            os.readlink(f"/proc/{daemon.proc.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{daemon.proc.pid}/fd")
+        }
         # State 0A is LISTEN: none of the daemon's own sockets may be in it.
         own = {i.split("[")[1].rstrip("]") for i in inodes if i.startswith("socket:[")}
         for line in listening.splitlines()[1:]:
@@ -105,14 +126,22 @@ def test_no_tcp_listener_by_default(tmp_path: Path, backends: tuple[FakeOllama, 
         daemon.stop()
 
 
-def test_tcp_listener_loopback_without_token(tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]) -> None:
+def test_tcp_listener_loopback_without_token(
+    tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
+) -> None:
     gpu, cpu = backends
     port = free_port()
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\n',
+    )
     try:
-        reply = httpx.post(f"http://127.0.0.1:{port}/api/generate",
-                           json={"model": "llama3.2", "prompt": "hi", "stream": False}, timeout=10)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/api/generate",
+            json={"model": "llama3.2", "prompt": "hi", "stream": False},
+            timeout=10,
+        )
         assert reply.status_code == 200
         assert reply.headers["X-Harbor-Backend"] == "gpu"
     finally:
@@ -125,18 +154,26 @@ def test_tcp_listener_with_token(tmp_path: Path, backends: tuple[FakeOllama, Fak
     token_file.write_text("s3cret-token-for-tests\n")
     token_file.chmod(0o600)
     port = free_port()
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n',
+    )
     try:
         url = f"http://127.0.0.1:{port}/harbor/status"
         assert httpx.get(url, timeout=5).status_code == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+        assert (
+            httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+        )
         good = httpx.get(url, headers={"Authorization": "Bearer s3cret-token-for-tests"}, timeout=5)
         assert good.status_code == 200
         # The token is harbord's: it never reaches the backend.
-        httpx.post(f"http://127.0.0.1:{port}/api/chat", timeout=10,
-                   headers={"Authorization": "Bearer s3cret-token-for-tests"},
-                   json={"model": "llama3.2", "messages": [], "stream": False})
+        httpx.post(
+            f"http://127.0.0.1:{port}/api/chat",
+            timeout=10,
+            headers={"Authorization": "Bearer s3cret-token-for-tests"},
+            json={"model": "llama3.2", "messages": [], "stream": False},
+        )
         forwarded = [r for r in gpu.requests() if r["path"] == "/api/chat"][-1]
         assert "authorization" not in {k.lower() for k in forwarded["headers"]}
         # The Unix socket needs no token.
@@ -149,29 +186,42 @@ def test_tcp_listener_with_token(tmp_path: Path, backends: tuple[FakeOllama, Fak
 def test_non_loopback_listener_needs_a_token(tmp_path: Path) -> None:
     config = tmp_path / "harbord.toml"
     config.write_text('[tcp]\nlisten = "0.0.0.0:11400"\n')
-    result = subprocess.run([sys.executable, "-m", "harbord", "--config", str(config), "--check-config"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "harbord", "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "tcp.token_file" in result.stderr and str(config) in result.stderr
 
 
-def test_world_readable_token_is_refused(tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]) -> None:
+def test_world_readable_token_is_refused(
+    tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
+) -> None:
     gpu, cpu = backends
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-for-tests\n")
     token_file.chmod(0o644)
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")}, wait=False,
-                           extra_config=f'[tcp]\nlisten = "127.0.0.1:{free_port()}"\n'
-                                        f'token_file = "{token_file}"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        wait=False,
+        extra_config=f'[tcp]\nlisten = "127.0.0.1:{free_port()}"\ntoken_file = "{token_file}"\n',
+    )
     assert daemon.proc is not None
     assert daemon.proc.wait(15) != 0
     assert "readable by others" in daemon.log()
 
 
-def test_trickled_headers_are_cut_off(tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]) -> None:
+def test_trickled_headers_are_cut_off(
+    tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
+) -> None:
     gpu, cpu = backends
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
-                           extra_config='client_timeout = "1s"\n')
+    daemon = Harbord.start(
+        tmp_path,
+        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        extra_config='client_timeout = "1s"\n',
+    )
     try:
         slow = socket.socket(socket.AF_UNIX)
         slow.connect(str(daemon.socket))

@@ -45,7 +45,9 @@ def test_old_state_file_still_loads(tmp_path: Path) -> None:
     assert store.affinity["llama3.2:latest"].backend == "gpu"
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"pins": {"x": {"backend": 3}}}', b"\xff\xfe", b"[]"])
+@pytest.mark.parametrize(
+    "content", [b"{not json", b'{"pins": {"x": {"backend": 3}}}', b"\xff\xfe", b"[]"]
+)
 def test_corrupt_file_is_set_aside(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "state.json").write_bytes(content)
     store = StateStore(tmp_path)
