@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 _version = msgspec.json.Decoder(Version)
 _tags = msgspec.json.Decoder(Tags)
 _ps = msgspec.json.Decoder(Ps)
+# What decoding a backend's answer can raise: msgspec's own errors, UnicodeDecodeError
+# for a string that is not UTF-8, RecursionError for JSON nested too deeply.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 
 class Prober:
@@ -37,8 +40,13 @@ class Prober:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def probe_all(self, backends: list[Backend]) -> None:
-        """One round over every backend (used before READY=1)."""
-        await asyncio.gather(*(self.probe(backend, inventory=True) for backend in backends))
+        """One round over every backend (used before READY=1); a probe cannot stop the start."""
+        results = await asyncio.gather(
+            *(self.probe(backend, inventory=True) for backend in backends), return_exceptions=True
+        )
+        for backend, result in zip(backends, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("probe of %s failed unexpectedly", backend.name, exc_info=result)
 
     def start(self, backends: list[Backend]) -> None:
         for backend in backends:
@@ -105,7 +113,7 @@ class Prober:
             return
         try:
             version = _version.decode(body).version
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _UNDECODABLE:
             backend.mark_down("probe: /api/version did not answer like Ollama", "other")
             return
         backend.mark_up(version, (time.monotonic() - started) * 1000)
@@ -121,13 +129,7 @@ class Prober:
                 tags = _tags.decode(await resp.read()) if resp.status == 200 else None
             async with self.session.get(f"{url}/api/ps", timeout=timeout) as resp:
                 ps = _ps.decode(await resp.read()) if resp.status == 200 else None
-        except (
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-        ) as err:
+        except (aiohttp.ClientError, OSError, TimeoutError, *_UNDECODABLE) as err:
             log.info("inventory of %s not refreshed: %s", backend.name, type(err).__name__)
             return
         models = None
