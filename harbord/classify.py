@@ -55,23 +55,34 @@ _BUSY = _words(r"server busy", r"maximum pending requests")
 
 def error_text(body: bytes) -> str:
     """The `error` text of an Ollama or OpenAI-style error body, else the body itself."""
+    # msgspec refuses a string that is not UTF-8 (UnicodeDecodeError): read it with
+    # replacement characters, as the text is only for people and for classify().
+    text = body.decode("utf-8", "replace")
     try:
-        return msgspec.json.decode(body, type=ErrorBody).error
+        found = _error_field(text)
+    except RecursionError:  # nested too deeply to be an error object
+        found = None
+    return text[:500].strip() if found is None else found
+
+
+def _error_field(text: str) -> str | None:
+    try:
+        return msgspec.json.decode(text, type=ErrorBody).error
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError:
-        return body[:500].decode("utf-8", "replace").strip()
+        return None
     try:
-        decoded = msgspec.json.decode(body)
+        decoded = msgspec.json.decode(text)
     except msgspec.DecodeError:
-        return body[:500].decode("utf-8", "replace").strip()
+        return None
     if isinstance(decoded, dict):
         inner = decoded.get("error")
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return str(inner["message"])  # OpenAI shape, as Ollama's /v1 writes it
         if isinstance(inner, str):
             return inner
-    return body[:500].decode("utf-8", "replace").strip()
+    return None
 
 
 def classify(status: int, text: str) -> ErrorClass:
