@@ -54,20 +54,26 @@ class StateStore:
             return
         try:
             state = _decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
-            try:
-                os.replace(self.path, aside)
-                where = f"set aside as {aside.name}"
-            except OSError as move_err:
-                where = f"could not be set aside ({move_err.strerror})"
-            self.note = (
-                f"state file {self.path} is corrupt ({err}); {where}; starting with empty state"
-            )
-            log.warning("%s", self.note)
+        # msgspec raises UnicodeDecodeError for a string that is not UTF-8, and
+        # RecursionError for arrays or objects nested too deeply: corrupt, too.
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as err:
+            self._set_aside(str(err))
+            return
+        except RecursionError:
+            self._set_aside("nested too deeply")
             return
         self.pins = dict(state.pins)
         self.affinity = dict(state.affinity)
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+            where = f"set aside as {aside.name}"
+        except OSError as move_err:
+            where = f"could not be set aside ({move_err.strerror})"
+        self.note = f"state file {self.path} is corrupt ({why}); {where}; starting with empty state"
+        log.warning("%s", self.note)
 
     def _prepare_directory(self) -> None:
         """Remove what killed saves left behind, and find out now whether saving works."""
