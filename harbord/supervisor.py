@@ -164,9 +164,14 @@ class Supervisor:
     def config(self) -> SupervisorConfig:
         return self.harbor.config.supervisor  # read each time: a reload may change it
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Read every unit once (so the status at READY=1 shows them), then keep watching."""
         self.harbor.supervision = "on"
         self.harbor.restart_backend = self.restart
+        backends = self.harbor.backends.items()
+        for name in self.harbor.backends:
+            self.watches[name] = Watch(name, backoff=self.config.backoff_initial)
+        await asyncio.gather(*(self._poll(self.watches[n], b) for n, b in backends))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="supervisor")
 
     async def stop(self) -> None:
@@ -532,7 +537,7 @@ async def start_supervision(harbor: Harbor) -> Supervisor | None:
         log.info("supervision off: %s", problem)
         return None
     supervisor = Supervisor(harbor)
-    supervisor.start()
+    await supervisor.start()
     log.info(
         "supervision on: watching %s",
         ", ".join(f"{b.name}={b.config.unit}" for b in harbor.backends.values()),
