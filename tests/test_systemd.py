@@ -698,3 +698,73 @@ def test_harbord_sandbox_works_under_an_unprivileged_user_manager() -> None:
     finally:
         manager.close()
     assert not manager.leftover_pids()
+
+
+OLLAMA_SHIM = """\
+#!/bin/sh
+# Stands in for ollama: records how the unit ran it, then idles like a server.
+env > "$HOME/ollama-$(echo "$OLLAMA_HOST" | cut -d: -f2).env"
+echo "$0 $*" > "$HOME/ollama-$(echo "$OLLAMA_HOST" | cut -d: -f2).argv"
+ls /dev > "$HOME/ollama-$(echo "$OLLAMA_HOST" | cut -d: -f2).dev"
+exec sleep 120
+"""
+
+
+def test_ollama_units_find_ollama_and_run_under_an_unprivileged_user_manager() -> None:
+    """The shipped Ollama units, ExecStart= and all: `ollama` is found in ~/.local/bin, each
+    unit gets its port, GPU settings and the shared model store, the per-user environment
+    file overrides them, the CPU unit's sandbox starts for a real user, and a missing
+    `ollama` fails once (exit 127) instead of restarting in a loop."""
+    try:
+        manager = UserManager.start(uid=65534)
+    except ManagerUnavailable as err:
+        skip_or_fail(str(err))
+        raise
+    try:
+        user = manager.account.pw_name
+        for name in ("ollama-gpu@.service", "ollama-cpu@.service"):
+            manager.install_unit(name, (UNITS / name).read_text(encoding="utf-8"))
+        shim = manager.home / ".local" / "bin" / "ollama"
+        shim.parent.mkdir(parents=True)
+        shim.write_text(OLLAMA_SHIM)
+        shim.chmod(0o755)
+        env_file = manager.config_home / "harbor" / "ollama-cpu.env"
+        env_file.parent.mkdir(parents=True)
+        env_file.write_text("OLLAMA_KEEP_ALIVE=1h\n")
+        manager.chown(manager.home)
+        manager.daemon_reload()
+        units = [f"ollama-gpu@{user}.service", f"ollama-cpu@{user}.service"]
+        manager.systemctl("start", *units)
+        for unit in units:
+            assert manager.prop(unit, "ActiveState") == "active", unit
+
+        def recorded(port: int) -> dict[str, str]:
+            path = manager.home / f"ollama-{port}.env"
+            manager.wait_for(path.exists, 10, f"the shim's record for port {port}")
+            return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+        gpu, cpu = recorded(11434), recorded(11435)
+        models = f"{manager.home}/.ollama/models"
+        assert (manager.home / "ollama-11434.argv").read_text().split() == [str(shim), "serve"]
+        assert gpu["OLLAMA_HOST"] == "127.0.0.1:11434" and cpu["OLLAMA_HOST"] == "127.0.0.1:11435"
+        assert gpu["OLLAMA_MODELS"] == cpu["OLLAMA_MODELS"] == models
+        assert gpu["OLLAMA_VULKAN"] == "1" and gpu["GGML_VK_VISIBLE_DEVICES"] == "0"
+        for key in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                    "GGML_VK_VISIBLE_DEVICES"):  # fmt: skip
+            assert cpu[key] == "-1", key
+        assert cpu["OLLAMA_KEEP_ALIVE"] == "1h" and gpu["OLLAMA_KEEP_ALIVE"] == "30m"
+        # PrivateDevices= on the CPU unit: no GPU device nodes at all.
+        cpu_dev = (manager.home / "ollama-11435.dev").read_text().split()
+        assert "dri" not in cpu_dev and not any(d.startswith("nvidia") for d in cpu_dev)
+
+        manager.systemctl("stop", *units)
+        shim.unlink()
+        manager.systemctl("start", units[0], check=False)
+        manager.wait_for(
+            lambda: manager.prop(units[0], "ActiveState") == "failed", 10, "the unit to fail"
+        )
+        props = manager.show(units[0], "ExecMainStatus", "NRestarts")
+        assert props == {"ExecMainStatus": "127", "NRestarts": "0"}, props
+    finally:
+        manager.close()
+    assert not manager.leftover_pids()
