@@ -73,6 +73,10 @@ async def systemctl(*args: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, str
     try:
         async with asyncio.timeout(timeout):
             out, errout = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # harbord is stopping: no systemctl left behind
+        raise
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -307,7 +311,7 @@ class Supervisor:
             elif active == "failed":
                 note = "unit failed"
             elif active == "inactive":
-                note = "stopped" if self.config.keep_running else "stopped by the user"
+                note = "stopped" if self.config.keep_running else "stopped; left alone"
             elif sub == "auto-restart" or active == "activating":
                 note = "restarting (systemd)"
         status = UnitStatus(
@@ -375,9 +379,12 @@ class Supervisor:
             watch.backoff = cfg.backoff_initial
 
     async def _act(
-        self, watch: Watch, backend: Backend, verb: str, reason: str
+        self, watch: Watch, backend: Backend, verb: str, reason: str, automatic: bool = True
     ) -> tuple[bool, str]:
-        """Restart or start the unit; warm the models afterwards. Call with watch.lock held."""
+        """Restart or start the unit; warm the models afterwards. Call with watch.lock held.
+
+        Automatic restarts spend the budget and back off; one the operator asks for
+        starts both afresh."""
         unit = watch.unit
         models = [(m.name, keep_alive_for(m.expires_at, time.time())) for m in backend.loaded]
         log.warning(
@@ -390,13 +397,17 @@ class Supervisor:
         watch.note = "restarting"
         self._publish(watch, backend)
         now = time.monotonic()
-        watch.restarts.append(now)
         watch.harbor_restarts += 1
         watch.last_restart = time.time()
-        watch.next_allowed = now + watch.backoff
-        watch.backoff = min(
-            watch.backoff * 2 or self.config.backoff_initial, self.config.backoff_max
-        )
+        if automatic:
+            watch.restarts.append(now)
+            watch.next_allowed = now + watch.backoff
+            watch.backoff = min(watch.backoff * 2, self.config.backoff_max)
+        else:
+            watch.restarts.clear()
+            watch.budget_exhausted = False
+            watch.backoff = self.config.backoff_initial
+            watch.next_allowed = now + watch.backoff
         if watch.warm_task is not None:
             watch.warm_task.cancel()  # it was for the process this action replaces
         ok, message = await self._systemctl_action(verb, unit)
@@ -436,7 +447,8 @@ class Supervisor:
         return True, f"{unit} {'restarted' if verb == 'restart' else 'started'}"
 
     async def restart(self, name: str) -> tuple[bool, str]:
-        """On demand (POST /harbor/backends/NAME/restart): not held back by backoff or budget."""
+        """On demand (POST /harbor/backends/NAME/restart): not held back by backoff or budget,
+        and it gives the backend a fresh budget."""
         backend = self.harbor.backends.get(name)
         if backend is None:
             return False, f"no backend named {name!r}"
@@ -450,7 +462,9 @@ class Supervisor:
             if watch.props.get("LoadState") != "loaded":
                 return False, f"{watch.unit} is not installed ({watch.props.get('LoadState', '?')})"
             verb = "start-failed" if watch.props.get("ActiveState") == "failed" else "restart"
-            return await self._act(watch, backend, verb, "restart requested by the operator")
+            return await self._act(
+                watch, backend, verb, "restart requested by the operator", automatic=False
+            )
 
     # -- warming ---------------------------------------------------------------------
 

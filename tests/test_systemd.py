@@ -463,6 +463,34 @@ def test_failing_backend_exhausts_the_restart_budget(harbor: Harbor) -> None:
         m.systemctl("restart", "harbord.service")
 
 
+def test_a_stopped_backend_is_left_alone_unless_keep_running(harbor: Harbor) -> None:
+    m = harbor.manager
+    m.systemctl("stop", harbor.cpu_unit)
+    try:
+        harbor.wait_for(
+            lambda: (harbor.backend("cpu")["unit_status"] or {}).get("active_state") == "inactive",
+            5,
+            "harbord to see the cpu unit stopped",
+        )
+        time.sleep(2.5)  # two polls: harbord does not start it
+        unit = harbor.backend("cpu")["unit_status"]
+        assert m.prop(harbor.cpu_unit, "ActiveState") == "inactive"
+        assert unit["note"] == "stopped; left alone" and not unit.get("harbor_restarts")
+        text = harbor.config_path.read_text().replace(
+            "[supervisor]\n", "[supervisor]\nkeep_running = true\n"
+        )
+        harbor.write_config(text=text)
+        m.systemctl("reload", "harbord.service")
+        harbor.wait_for(
+            lambda: m.prop(harbor.cpu_unit, "ActiveState") == "active", 10, "harbord to start it"
+        )
+        harbor.wait_backends_up()
+    finally:
+        harbor.write_config()
+        m.systemctl("reload", "harbord.service")
+        m.systemctl("start", harbor.cpu_unit)
+
+
 def test_on_demand_restart(harbor: Harbor) -> None:
     m = harbor.manager
     old_pid = m.main_pid(harbor.cpu_unit)
