@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -787,3 +788,22 @@ def test_pull_error_status_exits_1(
     code, out, err = run(capsys, "pull", "phi3", "--backend", "tpu")
     assert (code, out) == (1, "")
     assert err == "harborctl: pulling phi3 failed: unknown backend 'tpu'\n"
+
+
+def test_setup_hands_its_options_to_setup_units(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harbord import setup_units
+
+    seen: list[object] = []
+
+    def run_setup(options: object) -> int:
+        seen.append(options)
+        return 3
+
+    monkeypatch.setattr(setup_units, "run_setup", run_setup)
+    assert run(capsys, "setup", "--dry-run", "--no-backends", "--harbord", "/opt/h")[0] == 3
+    (options,) = seen
+    assert isinstance(options, argparse.Namespace)
+    assert (options.dry_run, options.no_backends, options.harbord) == (True, True, "/opt/h")
+    assert "--dry-run" in run(capsys, "setup", "--help")[1]

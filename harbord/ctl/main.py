@@ -26,6 +26,7 @@ from harbord.ctl.commands import (
     pull,
     restart,
     route,
+    setup,
     status,
     top,
     unpin,
@@ -56,6 +57,7 @@ COMMANDS: dict[str, Command] = {
     "explain": explain,
     "top": top,
     "pull": pull,
+    "setup": setup,
 }
 DEFAULT_COMMAND = "status"
 
