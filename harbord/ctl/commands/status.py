@@ -127,7 +127,10 @@ def _unit(unit: UnitStatus) -> str:
         text += f" since {unit.since}"
     restarts = f"{unit.n_restarts} restarts"
     if unit.harbor_restarts:
-        restarts += f" ({unit.harbor_restarts} by harbord)"
+        restarts += f" ({unit.harbor_restarts} by harbord"
+        if unit.last_restart:
+            restarts += f", last {output.ago(unit.last_restart, time.time())}"
+        restarts += ")"
     text += f", {restarts}"
     if unit.note:
         text += ", " + paint(unit.note, "yellow")
