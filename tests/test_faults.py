@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import random
 import socket
 import threading
@@ -818,12 +819,16 @@ BAD_STATE = {
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_STATE, "unreadable", "dir-is-a-file"])
+@pytest.mark.parametrize("case", [*BAD_STATE, "unreadable", "dir-is-a-file", "read-only-dir"])
 def test_bad_state_is_reported_and_the_daemon_serves(
     tmp_path: Path, backends: Pair, case: str
 ) -> None:
     state_dir = tmp_path / "state"
-    if case == "dir-is-a-file":
+    if case == "read-only-dir":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to a read-only directory; dir-is-a-file covers it")
+        state_dir.mkdir(mode=0o500)
+    elif case == "dir-is-a-file":
         (tmp_path / "notadir").write_text("x")
         state_dir = tmp_path / "notadir" / "state"
     else:
@@ -851,9 +856,11 @@ def test_bad_state_is_reported_and_the_daemon_serves(
     try:
         daemon.launch()
         note = daemon.status()["state_note"]
-        expected = {"unreadable": "cannot read", "dir-is-a-file": "cannot save"}.get(
-            case, "corrupt"
-        )
+        expected = {
+            "unreadable": "cannot read",
+            "dir-is-a-file": "cannot save",
+            "read-only-dir": "cannot save",
+        }.get(case, "corrupt")
         assert note is not None and expected in note, note
         with daemon.client() as client:
             assert client.post("/api/chat", json=body("llama3.2", False)).status_code == 200
