@@ -22,9 +22,10 @@ import msgspec
 from harbord.schemas import BackendKind, Intent
 
 # Names that end up in unit names, URLs and file paths: keep them boring.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# \Z, not $: $ also matches before a trailing newline.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # Ollama model names: [host/][namespace/]model[:tag]
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,199}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,199}\Z")
 
 
 class ConfigError(Exception):

@@ -22,7 +22,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 

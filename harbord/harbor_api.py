@@ -27,7 +27,7 @@ from harbord.config import MODEL_RE
 from harbord.harbor import HARBOR
 from harbord.policy import PolicyError, RouteRequest, normalize_model
 from harbord.relay import error_response
-from harbord.schemas import Inventory, PinRequest
+from harbord.schemas import UNDECODABLE, Inventory, PinRequest
 
 _encoder = msgspec.json.Encoder()
 _pin_request = msgspec.json.Decoder(PinRequest)
@@ -73,7 +73,7 @@ async def set_pin(request: web.Request) -> web.StreamResponse:
     model = _model_param(request)
     try:
         pin_request = _pin_request.decode(await request.read())
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    except UNDECODABLE as err:
         return error_response(400, f"invalid pin request: {err}")
     if pin_request.backend not in harbor.backends:
         return error_response(

@@ -21,16 +21,13 @@ import msgspec
 from harbord.backends import Backend
 from harbord.config import RoutingConfig
 from harbord.policy import normalize_model
-from harbord.schemas import Ps, Tags, Version
+from harbord.schemas import UNDECODABLE, Ps, Tags, Version
 
 log = logging.getLogger(__name__)
 
 _version = msgspec.json.Decoder(Version)
 _tags = msgspec.json.Decoder(Tags)
 _ps = msgspec.json.Decoder(Ps)
-# What decoding a backend's answer can raise: msgspec's own errors, UnicodeDecodeError
-# for a string that is not UTF-8, RecursionError for JSON nested too deeply.
-_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 
 class Prober:
@@ -113,7 +110,7 @@ class Prober:
             return
         try:
             version = _version.decode(body).version
-        except _UNDECODABLE:
+        except UNDECODABLE:
             backend.mark_down("probe: /api/version did not answer like Ollama", "other")
             return
         backend.mark_up(version, (time.monotonic() - started) * 1000)
@@ -129,7 +126,7 @@ class Prober:
                 tags = _tags.decode(await resp.read()) if resp.status == 200 else None
             async with self.session.get(f"{url}/api/ps", timeout=timeout) as resp:
                 ps = _ps.decode(await resp.read()) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, *_UNDECODABLE) as err:
+        except (aiohttp.ClientError, OSError, TimeoutError, *UNDECODABLE) as err:
             log.info("inventory of %s not refreshed: %s", backend.name, type(err).__name__)
             return
         models = None

@@ -21,7 +21,7 @@ from aiohttp import web
 from harbord.backends import Backend
 from harbord.harbor import HARBOR, Harbor, new_request_id
 from harbord.relay import RELAY, error_response, is_openai
-from harbord.schemas import Decision, Plan, PlanStep
+from harbord.schemas import UNDECODABLE, Decision, Plan, PlanStep
 
 FETCH_TIMEOUT = 5.0
 
@@ -37,7 +37,7 @@ async def _fetch(harbor: Harbor, backend: Backend, path: str) -> Any:
             if resp.status != 200:
                 return None
             return msgspec.json.decode(await resp.read())
-    except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError):
+    except (aiohttp.ClientError, OSError, TimeoutError, *UNDECODABLE):
         return None
 
 

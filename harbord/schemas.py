@@ -10,6 +10,11 @@ from typing import Literal
 
 import msgspec
 
+# What decoding untrusted bytes with msgspec can raise: its own errors (ValidationError
+# is a DecodeError), UnicodeDecodeError for a string that is not UTF-8, and
+# RecursionError for arrays or objects nested too deeply.
+UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
 Intent = Literal["fast", "heavy"]
 INTENTS: tuple[Intent, ...] = ("fast", "heavy")
 BackendKind = Literal["gpu", "cpu"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from harbord.schemas import Affinity, Pin, StateFile
+from harbord.schemas import UNDECODABLE, Affinity, Pin, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,8 @@ class StateStore:
             return
         try:
             state = _decoder.decode(data)
-        # msgspec raises UnicodeDecodeError for a string that is not UTF-8, and
-        # RecursionError for arrays or objects nested too deeply: corrupt, too.
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as err:
-            self._set_aside(str(err))
-            return
-        except RecursionError:
-            self._set_aside("nested too deeply")
+        except UNDECODABLE as err:
+            self._set_aside(str(err) or type(err).__name__)
             return
         self.pins = dict(state.pins)
         self.affinity = dict(state.affinity)

@@ -556,11 +556,6 @@ def test_bytes_that_are_not_utf8_or_nest_too_deep(tmp_path: Path, backends: Pair
         canned.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ollama_api._fetch catches msgspec.DecodeError only: a "
-    "backend's /api/tags that is not UTF-8 makes GET /api/tags a 500; reported",
-)
 def test_aggregated_endpoints_survive_an_inventory_that_is_not_utf8(
     tmp_path: Path, backends: Pair
 ) -> None:

@@ -228,11 +228,6 @@ def test_model_names_with_metacharacters_are_refused(
     assert chat_requests(gpu, cpu) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.MODEL_RE ends in $, which matches before a trailing "
-    "newline, and harbor_api's /harbor/route checks names with .match(): reported",
-)
 def test_trailing_newline_in_a_model_name_is_refused_everywhere(client: httpx.Client) -> None:
     assert_json_error(client.get("/harbor/route", params={"model": "llama3.2\n"}), 400, "model")
 
@@ -266,12 +261,6 @@ def test_pin_endpoints_validate_names(client: httpx.Client, daemon: Harbord) -> 
     assert daemon.status()["pins"] == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="harbor_api.set_pin catches msgspec's DecodeError and "
-    "ValidationError only; msgspec raises UnicodeDecodeError for a string that is "
-    "not UTF-8, so this is a 500: reported",
-)
 def test_pin_request_that_is_not_utf8_is_a_400(
     tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
 ) -> None:
