@@ -107,6 +107,9 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A cold model load can take minutes (Ollama's own OLLAMA_LOAD_TIMEOUT is 5m);
     # a hung backend is caught by the prober, not by this timeout.
     first_byte_timeout: Seconds = Seconds(600)
+    # A non-streaming answer arrives whole when it is done: a long CPU answer takes
+    # many minutes, so it gets its own, much longer, limit.
+    answer_timeout: Seconds = Seconds(3600)
     idle_timeout: Seconds = Seconds(300)
     max_model_size: ByteSize | None = None
     vram: ByteSize | None = None

@@ -172,7 +172,7 @@ class Relay:
             harbor.in_flight -= 1
             decision.duration_ms = round((time.monotonic() - started) * 1000, 3)
             harbor.record(decision)
-            if decision.status >= 500:
+            if decision.status >= 500 or any(a.after_first_byte for a in decision.attempts):
                 harbor.counters.failed += 1
             elif decision.status >= 400:
                 harbor.counters.client_errors += 1
@@ -234,13 +234,17 @@ class Relay:
         decision: Decision,
     ) -> web.StreamResponse | Failure:
         config = backend.config
+        if backend.hung:  # the prober already knows: don't wait for it to say so again
+            return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
         if not await backend.limiter.acquire():
             return Failure(
                 "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
             )
         backend.in_flight += 1
         upstream: aiohttp.ClientResponse | None = None
-        deadline = asyncio.timeout(config.first_byte_timeout)
+        # The prober fires this deadline early when the backend hangs (Backend.mark_hung).
+        wait = config.first_byte_timeout if decision.stream else config.answer_timeout
+        deadline = asyncio.timeout(wait)
         backend.waiting.add(deadline)
         try:
             try:
@@ -271,7 +275,7 @@ class Relay:
                     )
                 return Failure(
                     "network",
-                    f"no answer from {backend.name} within {config.first_byte_timeout:g}s",
+                    f"no answer from {backend.name} within {wait:g}s",
                     timeout=True,
                 )
             except aiohttp.ClientConnectorError as err:

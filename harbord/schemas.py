@@ -117,6 +117,9 @@ class Decision(msgspec.Struct):
     status: int = 0
     duration_ms: float = 0.0
     first_byte_ms: float | None = None
+    # Whether the client asked for a stream: a non-streaming answer arrives whole,
+    # when it is done, so it waits for answer_timeout instead of first_byte_timeout.
+    stream: bool = True
 
 
 # --- status ----------------------------------------------------------------

@@ -39,6 +39,7 @@ ROUTED_PATHS = (
 )
 
 _facts = msgspec.json.Decoder(RequestFacts)
+_STREAM_BY_DEFAULT = frozenset(("/api/chat", "/api/generate"))
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T = TypeVar("_T")
@@ -151,6 +152,8 @@ async def routed(request: web.Request) -> web.StreamResponse:
         model=plan.model,
         intent=plan.intent,
         plan=plan,
+        # Ollama's native chat and generate stream unless told not to; the rest do not.
+        stream=facts.stream if facts.stream is not None else request.path in _STREAM_BY_DEFAULT,
     )
     if harbor.config.log_bodies:
         log.debug("request %s body: %s", request_id, body[:4096].decode("utf-8", "replace"))

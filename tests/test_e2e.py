@@ -558,3 +558,30 @@ def test_check_config_and_errors(tmp_path: Path) -> None:
     )
     assert good.returncode == 0
     assert "flag --gpu-url" in good.stdout and "http://127.0.0.1:9" in good.stdout
+
+
+def test_whole_answers_wait_longer_than_streams(
+    tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama
+) -> None:
+    # A non-streaming answer starts only when it is complete (a long CPU answer takes
+    # minutes): it waits for answer_timeout, not first_byte_timeout. A stream that does
+    # not start in time moves on.
+    daemon = Harbord.start(
+        tmp_path,
+        {},
+        extra_config=(
+            f'[backends.gpu]\nurl = "{gpu.url}"\nkind = "gpu"\nfirst_byte_timeout = "1s"\n'
+            f'[backends.cpu]\nurl = "{cpu.url}"\nkind = "cpu"\n'
+        ),
+    )
+    try:
+        gpu.set_faults({"load_delay": 2.5})
+        whole = chat(daemon)  # stream: false
+        assert whole.status_code == 200
+        assert whole.headers["X-Harbor-Backend"] == "gpu"
+        streamed = chat(daemon, stream=True)
+        assert streamed.status_code == 200
+        assert streamed.headers["X-Harbor-Backend"] == "cpu"
+        assert streamed.headers["X-Harbor-Fallbacks"] == "gpu=network"
+    finally:
+        daemon.stop()

@@ -164,7 +164,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory, pair: Pair) -> Iterator[Harb
     daemon = start_daemon(
         tmp_path_factory.mktemp("quick"),
         pair.urls(),
-        'connect_timeout = "1s"\nfirst_byte_timeout = "1s"\nidle_timeout = "1s"\n',
+        'connect_timeout = "1s"\nfirst_byte_timeout = "1s"\nanswer_timeout = "1s"\n'
+        'idle_timeout = "1s"\n',
         routing=SLOW_ROUTING,
     )
     try:
