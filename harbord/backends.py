@@ -14,6 +14,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import aiohttp
+
 from harbord.config import BackendConfig
 from harbord.policy import BackendView, normalize_model
 from harbord.schemas import BackendStatus, ErrorClass, Health, LoadedModel, PsModel, UnitStatus
@@ -93,6 +95,8 @@ class Backend:
         self.in_flight = 0
         self.served = 0
         self.limiter = Limiter(config.max_concurrency, config.max_queue, config.queue_timeout)
+        # No overall limit: only connecting is timed here (relay.py times the rest).
+        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         # Requests still waiting for their first byte: the prober ends them when
         # it declares the backend hung, so they move on to the next backend.
         self.waiting: set[asyncio.Timeout] = set()
@@ -129,6 +133,7 @@ class Backend:
         self.limiter.limit = config.max_concurrency
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
+        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         self.changed()
 
     # -- health transitions -----------------------------------------------------

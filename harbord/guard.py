@@ -29,6 +29,8 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
+# Room for a thousand clients connecting at once (the kernel caps it at somaxconn).
+BACKLOG = 4096
 _FORBIDDEN_BODY = b'{"error":"forbidden: this harbord serves only its own user"}'
 FORBIDDEN = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -168,7 +170,8 @@ class GuardedSite(web.BaseSite):
             return _GuardedProtocol(server(), policy, timeout)
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, sock=self._sock)
+        # Pass the backlog again: create_server() listens anew, with 100 by default.
+        self._server = await loop.create_server(factory, sock=self._sock, backlog=BACKLOG)
 
 
 def bearer_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:

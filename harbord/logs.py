@@ -35,6 +35,10 @@ class JournalFormatter(logging.Formatter):
 
 
 def setup(level: str) -> None:
+    # One line per request is logged at INFO: skip the record fields nobody prints.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))

@@ -254,9 +254,7 @@ class Relay:
                         config.url + request.path_qs,
                         data=body,
                         headers=headers,
-                        timeout=aiohttp.ClientTimeout(
-                            total=None, connect=None, sock_connect=config.connect_timeout
-                        ),
+                        timeout=backend.client_timeout,
                     )
                     if upstream.status >= 400:
                         return await _failure_from_answer(upstream)
@@ -351,13 +349,20 @@ class Relay:
         loop = asyncio.get_running_loop()
         content = upstream.content
         failure: tuple[ErrorClass, str] | None = None
+        # Moving the deadline on every chunk costs a timer per token; moving it by 1.5 idle
+        # periods at most every half period keeps it between idle and 1.5 idle after the
+        # last chunk, for one timer per half period.
+        rearm_at = loop.time() + idle / 2
         try:
-            async with asyncio.timeout(idle) as idle_deadline:
+            async with asyncio.timeout(idle * 1.5) as idle_deadline:
                 while True:
                     chunk = await content.readany()
                     if not chunk:
                         break
-                    idle_deadline.reschedule(loop.time() + idle)
+                    now = loop.time()
+                    if now > rearm_at:
+                        idle_deadline.reschedule(now + idle * 1.5)
+                        rearm_at = now + idle / 2
                     if pending:
                         chunk = pending + chunk
                     pending = _split_line(chunk)

@@ -99,8 +99,11 @@ async def routed(request: web.Request) -> web.StreamResponse:
     harbor.counters.requests += 1
     request_id = new_request_id()
     try:
-        async with asyncio.timeout(harbor.config.client_timeout):
+        if request.content.is_eof():  # a small body arrives with the head: no timer needed
             body = await read_body(request, harbor.config.max_body_size)
+        else:
+            async with asyncio.timeout(harbor.config.client_timeout):
+                body = await read_body(request, harbor.config.max_body_size)
     except BodyTooLarge:
         return _client_error(
             harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai
