@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -218,10 +219,8 @@ class Conn(asyncio.Protocol):
         chat = path == "/api/chat"
         if not req.stream:
             text = b"".join(_token(i)[1:-1] for i in range(n))
-            if chat:
-                content = b'"message":{"role":"assistant","content":"%s"}' % text
-            else:
-                content = b'"response":"%s"' % text
+            content = (b'"message":{"role":"assistant","content":"%s"}' % text) if chat else (
+                b'"response":"%s"' % text)
             reply = (b'{"model":%s,"created_at":"%s",%s,"done":true,"done_reason":"%s"%s}'
                      % (model, _iso_now(), content, b"length" if n != srv.tokens else b"stop", _stats(n)))
             return self._send_simple(200, reply)
@@ -339,10 +338,8 @@ def main() -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         runner(serve(a.port, Server(a.name, a.tokens, a.token_delay), a.host))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -223,7 +223,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    i = min(len(s) - 1, max(0, int(round(q / 100.0 * (len(s) - 1)))))
+    i = min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))
     return s[i]
 
 
@@ -295,7 +295,8 @@ async def run_latency(a: argparse.Namespace, req: bytes) -> dict[str, object]:
             c.transport.close()
     out: dict[str, object] = {"mode": "latency", "target": a.target, "concurrency": a.concurrency,
                               "count": len(lat), "errors": sum(errors.values()), "error_kinds": errors,
-                              "reconnects": reconnects, "requests_all": sent, "wall_s": t1 - t0, "rps": len(lat) / (t1 - t0),
+                              "reconnects": reconnects, "requests_all": sent, "wall_s": t1 - t0,
+                              "rps": len(lat) / (t1 - t0),
                               "loadgen_cpu_s": c1 - c0, "loadgen_cpu_pct": 100.0 * (c1 - c0) / (t1 - t0)}
     out.update(summary_ms(lat))
     return out
@@ -397,7 +398,7 @@ async def run_many(a: argparse.Namespace, req: bytes) -> dict[str, object]:
         if i % a.ramp_batch == a.ramp_batch - 1:
             await asyncio.sleep(a.ramp_pause)
     t_ramp = perf()
-    done, pending = await asyncio.wait(tasks, timeout=a.deadline if a.deadline else None)
+    _, pending = await asyncio.wait(tasks, timeout=a.deadline if a.deadline else None)
     for task in pending:
         task.cancel()
     if pending:

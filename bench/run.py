@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """harbord's benchmark suite, with side-by-side baselines, in one command:
 
-    python3 bench/run.py            # full run, ~6 minutes
+    python3 bench/run.py            # full run, ~7 minutes
     python3 bench/run.py --quick    # ~1.5 minutes: one repetition, shorter runs, no profile
 
 It starts its own lean fake Ollama backends (bench/backend.py), harbord, nginx
@@ -627,6 +627,11 @@ litellm_settings:
             else:
                 res["peak_rss_mb"] = res.get("proxy_rss_mb_peak_sampled", float("nan"))
             out[name] = res
+            if name.startswith("litellm"):
+                # it goes on generating for the streams the deadline abandoned: stop it, so it does
+                # not take CPU 1 from what runs next
+                self.procs.stop(self.targets[name]["proc"])
+            time.sleep(1.0)
             log(f"many {name:<22} ok {res['ok']}/{count}  errors {res['errors']}  connect retries "
                 f"{res.get('connect_retries', 0)}  peak RSS {res['peak_rss_mb']:.1f} MB  "
                 f"CPU {res['proxy_cpu_s']:.2f} s (avg {res['proxy_cpu_pct']:.0f}%, peak "
@@ -790,9 +795,11 @@ litellm_settings:
     def run(self) -> dict[str, Any]:
         t0 = time.time()
         self.setup()
-        steps = [("backend", self.scenario_backend_check), ("latency", self.scenario_latency),
-                 ("stream", self.scenario_stream), ("many", self.scenario_many),
-                 ("startup", self.scenario_startup), ("policy", self.scenario_policy)]
+        # start-up and policy first: they share CPU 1 with the proxies, which are idle then (LiteLLM
+        # keeps working on abandoned streams after the many-streams run, so it is stopped after it)
+        steps = [("backend", self.scenario_backend_check), ("startup", self.scenario_startup),
+                 ("policy", self.scenario_policy), ("latency", self.scenario_latency),
+                 ("stream", self.scenario_stream), ("many", self.scenario_many)]
         if self.args.profile:
             steps.append(("profile", self.scenario_profile))
         only = set(self.args.only.split(",")) if self.args.only else None
@@ -1083,7 +1090,7 @@ def chart(res: dict[str, Any], names: list[str], path: Path) -> None:
              line: float | None = None, line_label: str = "", fmt_s: str = "{:.3g}") -> None:
         xs = range(len(labels))
         ax.bar(xs, values, color=[colors.get(n, "#999999") for n in labels])
-        ax.set_xticks(list(xs), [n.replace(" (", "\n(") for n in labels], fontsize=8)
+        ax.set_xticks(list(xs), [n.replace(" (", "\n(").replace(" relay", "\nrelay") for n in labels], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         if log:
@@ -1113,16 +1120,16 @@ def chart(res: dict[str, Any], names: list[str], path: Path) -> None:
         idle = many.get(n, {}).get("idle_rss_mb") if n == "harbord" else res["idle"].get(n, {}).get("rss_mb")
         if idle is None and n not in many:
             continue
-        labels.append(f"{n.split()[0]}\nidle")
+        labels.append(f"{n.split(' (')[0]} idle")
         values.append(idle if idle is not None else float("nan"))
         shades.append("#9ecae1")
         if n in many:
-            labels.append(f"{n.split()[0]}\n1,000 streams")
+            labels.append(f"{n.split(' (')[0]} 1k streams")
             values.append(many[n]["peak_rss_mb"])
             shades.append("#1f77b4")
     ax = axes[1][2]
     ax.bar(range(len(labels)), values, color=shades)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45, ha="right")
     ax.set_yscale("log")
     title = "3. RSS idle / with 1,000 slow streams (MB, log)"
     if start:
@@ -1151,7 +1158,7 @@ def write_markdown(res: dict[str, Any], rows: list[list[str]], targets: list[dic
         "## Command",
         "",
         "```sh",
-        "python3 bench/run.py            # full run (~6 min): 3 repetitions, profile",
+        "python3 bench/run.py            # full run (~7 min): 3 repetitions, profile",
         "python3 bench/run.py --quick    # ~1.5 min: 1 repetition, shorter runs, no profile",
         "```",
         "",
@@ -1164,7 +1171,8 @@ def write_markdown(res: dict[str, Any], rows: list[list[str]], targets: list[dic
         "",
         f"- {m['nproc']} cores: {m['cpu_model']}; {m['memory']} RAM; kernel {m['kernel']}",
         f"- Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, msgspec {m['msgspec']}",
-        f"- nginx: {res.get('nginx_version', 'n/a')}; LiteLLM {res.get('litellm_version', 'n/a')}",
+        f"- nginx {str(res.get('nginx_version') or 'n/a').removeprefix('nginx version: nginx/')}; "
+        f"LiteLLM {res.get('litellm_version') or 'n/a'}",
         f"- harbord at commit `{m['harbord_commit']}`" + (" (with uncommitted changes in harbord/)"
                                                            if m["harbord_tree_dirty"] else ""),
         f"- placement: {res['placement']}",
@@ -1190,7 +1198,8 @@ def write_markdown(res: dict[str, Any], rows: list[list[str]], targets: list[dic
         "loopback (1 uvicorn worker), with the backend configured as `ollama_chat/` (client speaks OpenAI "
         "`/v1/chat/completions`, LiteLLM calls `/api/chat`; its added latency is against direct `/api/chat`) and "
         "as `openai/` (LiteLLM calls the backend's `/v1/chat/completions`; added latency against direct "
-        "`/v1/chat/completions`, which the bench also measures).",
+        "`/v1/chat/completions`, which the bench also measures). In the **direct** column the CPU rows are the "
+        "backend's.",
         "",
         "## Targets (issue 5)",
         "",
@@ -1211,9 +1220,17 @@ def write_markdown(res: dict[str, Any], rows: list[list[str]], targets: list[dic
             lines.append(f"| `{label}` | {r['c1']['p50_ms']:.3f} | {r['c32']['rps']:,.0f} | "
                          f"{fmt(r['c32']['backend_cpu_us_per_req'], '.0f')} | {r['stream']['chunks_per_s_p50']:,.0f} |")
         hs = res.get("latency", {}).get("harbord", {}).get("c32", {})
-        lines += ["", f"harbord at c=32 serves {hs.get('rps', 0):,.0f} req/s. `tests/fakeollama.py` is faithful "
-                  "but spends more CPU per request than that allows, so the bench uses `bench/backend.py` (raw "
-                  "asyncio + uvloop, prebuilt NDJSON lines in Ollama's shapes, one `send()` per token).", ""]
+        fo, lean = bc.get("tests/fakeollama.py", {}), bc.get("bench/backend.py", {})
+        if fo and lean:
+            ratio = fo["c32"]["rps"] / max(hs.get("rps", 1), 1)
+            lines += ["", f"`tests/fakeollama.py` is faithful but costs {fo['c32']['backend_cpu_us_per_req']:.0f} "
+                      f"µs of CPU per request and tops out at {fo['c32']['rps']:,.0f} req/s and "
+                      f"{fo['stream']['chunks_per_s_p50']:,.0f} chunks/s direct: only "
+                      f"{ratio:.1f}x harbord's {hs.get('rps', 0):,.0f} req/s, so as the "
+                      "backend it would cap the direct, nginx and relay columns and hide what a proxy hop costs. "
+                      f"`bench/backend.py` (raw asyncio + uvloop, prebuilt NDJSON lines in Ollama's shapes, one "
+                      f"`send()` per token) costs {lean['c32']['backend_cpu_us_per_req']:.0f} µs per request and "
+                      f"streams {lean['stream']['chunks_per_s_p50']:,.0f} chunks/s, so the bench uses it.", ""]
     lat = res.get("latency", {})
     lines += ["## Does the load generator keep up?", "",
               "`bench/loadgen.py` is raw asyncio protocols on uvloop (no HTTP library). Its own CPU, as a share "
@@ -1341,6 +1358,7 @@ def main() -> int:
         os.sched_setaffinity(0, {0})  # the bench's own bookkeeping stays off the proxy's core
     bench = Bench(args)
     command = "python3 bench/run.py" + (" --quick" if args.quick else "")
+    at_start = machine()  # the commit measured is the one at the start
     try:
         res = bench.run()
     finally:
@@ -1349,14 +1367,20 @@ def main() -> int:
             shutil.rmtree(bench.tmp, ignore_errors=True)
         else:
             log(f"kept {bench.tmp}")
-    res["machine"] = machine()
+    at_end = machine()
+    res["machine"] = at_start
+    if (at_end["harbord_commit"], at_end["harbord_tree_dirty"]) != (at_start["harbord_commit"],
+                                                                    at_start["harbord_tree_dirty"]):
+        bench.notes.append(f"harbord changed during the run (commit {at_start['harbord_commit']} at the start, "
+                           f"{at_end['harbord_commit']} at the end): processes started later ran newer code")
     res["reps"] = args.reps
     res["quick"] = args.quick
     res["command"] = command
     res["placement"] = ("load generator + backends pinned to CPU 0 (taskset-equivalent sched_setaffinity), "
                         "proxy under test alone on CPU 1" if args.pin else "not pinned (kernel placement)") + (
                         f"; niceness -{args.nice}" if args.nice else "")
-    res["notes"] = bench.notes + [
+    res["notes"] = [
+        *bench.notes,
         "LiteLLM refuses to start without a master key (UnsafeMasterKeyError): the bench sets a random "
         "LITELLM_MASTER_KEY and sends it as a Bearer token; it also sets LITELLM_LOCAL_MODEL_COST_MAP=True, "
         "or LiteLLM tries to fetch its model cost map from the internet at start-up.",
