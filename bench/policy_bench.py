@@ -94,7 +94,6 @@ def main() -> int:
         import importlib
 
         import msgspec
-
         from harbord.schemas import RequestFacts
 
         _log_decision = None
@@ -120,7 +119,7 @@ def main() -> int:
         if _log_decision is not None:
             try:
                 _log_decision(d)
-            except Exception:  # noqa: BLE001 - its signature may have changed; skip it then
+            except Exception:
                 _log_decision = None
         if _log_decision is not None:
             results["request/_log_decision at WARNING (logged nowhere)"] = per_call_us(
