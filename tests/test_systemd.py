@@ -40,6 +40,9 @@ pytestmark = pytest.mark.systemd
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "units"
 FAKE = ROOT / "tests" / "fakeollama.py"
+CHECKOUT_IN_TMP = any(
+    str(path).startswith(("/tmp/", "/var/tmp/")) for path in (ROOT, Path(sys.executable))
+)
 MODELS = [
     "llama3.2:latest=2000000000",
     "qwen2.5-coder:7b=4700000000",
@@ -104,6 +107,10 @@ class Harbor:
         for path in sorted(UNITS.glob("*.service")) + sorted(UNITS.glob("*.socket")):
             m.install_unit(path.name, path.read_text(encoding="utf-8"))
         python = escape_exec(sys.executable)
+        # A checkout (and its .venv) under /tmp would be hidden from units with
+        # PrivateTmp=yes; the shipped sandboxing is tested on its own below, with
+        # code outside /tmp (test_shipped_*).
+        private_tmp = "PrivateTmp=no\n" if CHECKOUT_IN_TMP else ""
         for name, extra in (("gpu", "--vram 6000000000"), ("cpu", "--cpu")):
             models = " ".join(f"--model {m}" for m in MODELS)
             m.drop_in(
@@ -112,7 +119,7 @@ class Harbor:
                 "[Service]\nExecStart=\n"
                 f"ExecStart={python} {escape_exec(str(FAKE))} --port {self.ports[name]} "
                 f"--name {name} {models} {extra}\n"
-                f"StandardOutput=append:{m.logs}/{name}.log\nStandardError=inherit\n",
+                f"StandardOutput=append:{m.logs}/{name}.log\nStandardError=inherit\n" + private_tmp,
             )
         lines = [
             "[Service]",
@@ -125,7 +132,7 @@ class Harbor:
             f"StandardOutput=append:{self.log_path}",
             "StandardError=inherit",
         ]
-        if str(ROOT).startswith(("/tmp/", "/var/tmp/")):
+        if CHECKOUT_IN_TMP:
             lines.append("PrivateTmp=no")  # the checkout would be hidden from harbord
         m.drop_in("harbord.service", "test", "\n".join(lines) + "\n")
         self.write_config()
