@@ -29,7 +29,7 @@ import pytest
 
 from harbord.schemas import StateFile
 from tests.fakeproc import FakeOllama
-from tests.harness import Harbord
+from tests.harness import FAST_ROUTING, Harbord
 
 pytestmark = pytest.mark.e2e
 
@@ -60,14 +60,6 @@ GARBAGE_KINDS = ("error200", "html", "nonjson", "truncated", "wrong_ctype")
 MODELS += [f"garbage-{kind}-{how}" for kind in GARBAGE_KINDS for how in ("stream", "whole")]
 MODEL_SPECS = [f"{m}:latest=2000000000" for m in MODELS]
 
-FAST_ROUTING = """
-[routing]
-probe_interval = "0.5s"
-probe_interval_down = "0.2s"
-probe_timeout = "0.5s"
-inventory_interval = "1s"
-hung_after_probes = 2
-"""
 # The prober looks again at once after a failure (and every 0.2 s while a backend is
 # down), but not for 30 s while it is up: what a request learns is not raced.
 SLOW_ROUTING = FAST_ROUTING.replace('probe_interval = "0.5s"', 'probe_interval = "30s"')
