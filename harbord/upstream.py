@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -36,8 +37,9 @@ class ConnectError(UpstreamError):
     """The backend could not be reached (refused, unreachable, no such host)."""
 
     def __init__(self, err: OSError) -> None:
-        super().__init__(err.strerror or type(err).__name__)
-        self.reason = err.strerror or type(err).__name__
+        # asyncio's own loop says "Connect call failed (...)" where uvloop says the errno's text.
+        self.reason = (os.strerror(err.errno) if err.errno else err.strerror) or type(err).__name__
+        super().__init__(self.reason)
 
 
 class ConnectTimeout(UpstreamError):
