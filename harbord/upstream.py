@@ -14,7 +14,7 @@ import collections
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
@@ -57,8 +57,9 @@ class BadResponse(UpstreamError):
 class _Conn(asyncio.Protocol):
     """One connection to a backend; `exchange` is the request it is answering, if any."""
 
+    transport: asyncio.Transport  # set by connection_made, before the connection is used
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -75,7 +76,7 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.exchange is not None:
             self.exchange._feed(data)
-        elif self.transport is not None:
+        else:
             self.transport.abort()  # bytes nobody asked for: this connection is unusable
 
 
@@ -88,8 +89,7 @@ class Pool:
         secure = parts.scheme == "https"
         self.port = parts.port or (443 if secure else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
-        default = (secure and self.port == 443) or (not secure and self.port == 80)
-        self.host_header = (parts.netloc if not default else parts.hostname or "").encode()
+        self.host_header = parts.netloc.encode()
         self.idle: collections.deque[_Conn] = collections.deque()
 
     async def connect(self, timeout: float) -> _Conn:
@@ -112,9 +112,7 @@ class Pool:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < KEEPALIVE:
                 return conn
-            conn.exchange = None
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.transport.abort()
         return None
 
     def put(self, conn: _Conn) -> None:
@@ -122,15 +120,11 @@ class Pool:
         idle = self.idle
         idle.append(conn)
         while idle and (len(idle) > MAX_IDLE or now - idle[0].idle_since >= KEEPALIVE):
-            old = idle.popleft()
-            if old.transport is not None:
-                old.transport.abort()
+            idle.popleft().transport.abort()
 
     def close(self) -> None:
         while self.idle:
-            conn = self.idle.pop()
-            if conn.transport is not None:
-                conn.transport.abort()
+            self.idle.pop().transport.abort()
 
 
 class Pools:
@@ -160,33 +154,17 @@ class Pools:
         for name, value in headers:
             lines.append(f"\r\n{name}: {value}".encode("utf-8", "surrogateescape"))
         lines.append(b"\r\nContent-Length: %d\r\n\r\n" % len(body))
-        head = b"".join(lines)
-        message = head + body if len(body) < 65536 else None
+        lines.append(body)
+        message = b"".join(lines)
         conn = pool.take()
-        reused = conn is not None
+        # A reused connection the backend closed before answering is tried again once on a
+        # new one, for the methods aiohttp would retry (a POST is not sent twice).
+        retry = conn is not None and method in _IDEMPOTENT
         if conn is None:
             conn = await pool.connect(connect_timeout)
-        exchange = Exchange(pool, conn, method == "HEAD", reused)
-        exchange._send(head, body, message)
-        if reused and method in _IDEMPOTENT:  # as aiohttp: POST is not sent twice
-            exchange.retry = lambda: self._again(
-                pool, exchange, head, body, message, connect_timeout
-            )
+        exchange = Exchange(pool, conn, method == "HEAD", message, connect_timeout, retry)
+        conn.transport.write(message)
         return exchange
-
-    async def _again(
-        self,
-        pool: Pool,
-        old: Exchange,
-        head: bytes,
-        body: bytes,
-        message: bytes | None,
-        connect_timeout: float,
-    ) -> None:
-        """A reused connection closed before any answer (the backend's idle close): resend."""
-        conn = await pool.connect(connect_timeout)
-        old._reset(conn)
-        old._send(head, body, message)
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -196,13 +174,15 @@ class Pools:
 class Exchange:
     """One request's answer: its head, then its body as it arrives."""
 
-    def __init__(self, pool: Pool, conn: _Conn, head_only: bool, reused: bool) -> None:
+    def __init__(
+        self, pool: Pool, conn: _Conn, head_only: bool, message: bytes, timeout: float, retry: bool
+    ) -> None:
         self.pool = pool
         self.status = 0
         self.content_type = "application/octet-stream"
         self.headers: CIMultiDict[str] = CIMultiDict()
-        self.retry: Callable[[], Awaitable[None]] | None = None
         self._head_only = head_only
+        self._message, self._timeout, self._retry = message, timeout, retry
         self._reset(conn)
 
     def _reset(self, conn: _Conn) -> None:
@@ -220,23 +200,15 @@ class Exchange:
         self._waiter: asyncio.Future[None] | None = None
         self._head_ready = False
 
-    def _send(self, head: bytes, body: bytes, message: bytes | None) -> None:
-        conn = self.conn
-        assert conn is not None and conn.transport is not None
-        if message is not None:
-            conn.transport.write(message)
-        else:
-            conn.transport.writelines((head, body))
-
     # -- the reading side (relay.py) --------------------------------------------
 
     async def response_head(self) -> tuple[int, str, CIMultiDict[str]]:
         while not self._head_ready:
             if self._error is not None:
-                retry = self.retry
-                if retry and not self._got_bytes and isinstance(self._error, Disconnected):
-                    self.retry = None
-                    await retry()
+                if self._retry and not self._got_bytes and isinstance(self._error, Disconnected):
+                    self._retry = False
+                    self._reset(conn := await self.pool.connect(self._timeout))
+                    conn.transport.write(self._message)
                     continue
                 raise self._error
             await self._wait()
@@ -256,7 +228,7 @@ class Exchange:
         self._size = 0
         if self._paused:
             self._paused = False
-            if self.conn is not None and self.conn.transport is not None:
+            if self.conn is not None:
                 self.conn.transport.resume_reading()
         return data
 
@@ -278,11 +250,10 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
-            if conn.transport is not None:
-                conn.transport.abort()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            conn.transport.abort()
+        if self._state != _DONE and self._error is None:
+            self._error = Disconnected("closed by harbord")
+        self._wake()
 
     async def _wait(self) -> None:
         self._waiter = waiter = asyncio.get_running_loop().create_future()
@@ -309,12 +280,7 @@ class Exchange:
 
     def _fail(self, message: str) -> None:
         self._error = BadResponse(message)
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.exchange = None
-            if conn.transport is not None:
-                conn.transport.abort()
-        self._wake()
+        self.close()
 
     def _feed(self, data: bytes) -> None:
         self._got_bytes = True
@@ -393,8 +359,7 @@ class Exchange:
             self._wake()
         if self._size > HIGH_WATER and not self._paused and self.conn is not None:
             self._paused = True
-            if self.conn.transport is not None:
-                self.conn.transport.pause_reading()
+            self.conn.transport.pause_reading()
 
     def _parse_head(self, head: bytes) -> bool:
         eol = head.find(b"\r\n")
@@ -447,9 +412,9 @@ class Exchange:
         if conn is None:
             return
         conn.exchange = None
-        if self._paused and conn.transport is not None:
+        if self._paused:
             conn.transport.resume_reading()
         if self._keep_alive and not extra and not conn.closed:
             self.pool.put(conn)
-        elif conn.transport is not None:
+        else:
             conn.transport.abort()
