@@ -128,6 +128,7 @@ class Harbor:
         removed = [name for name in self.backends if name not in config.backends]
         self.config = config
         self._build_backends(config)
+        self.upstreams.keep({b.config.url for b in self.backends.values()})
         if self._prober is not None:
             self._prober.routing = config.routing
             await self._prober.stop(removed)

@@ -166,6 +166,11 @@ class Pools:
         conn.transport.write(message)
         return exchange
 
+    def keep(self, urls: set[str]) -> None:
+        """Close the pools of backends no longer configured (a reload changed their URL)."""
+        for url in [u for u in self.pools if u not in urls]:
+            self.pools.pop(url).close()
+
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()

@@ -192,3 +192,21 @@ async def test_refused() -> None:
     with pytest.raises(ConnectError) as info:
         await Pools().request(f"http://127.0.0.1:{port}", "GET", "/", [], b"", 1)
     assert info.value.reason == "Connection refused"
+
+
+async def test_keep_closes_dropped_pools(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert await reader.read() == b""  # the idle connection is closed
+
+    server = await serve(handler)
+    pools = Pools()
+    ex = await pools.request(server.url, "GET", "/", [], b"", 1)
+    await ex.response_head()
+    assert len(pools.get(server.url).idle) == 1
+    pools.keep({server.url})
+    assert len(pools.get(server.url).idle) == 1
+    pools.keep(set())
+    assert not pools.pools
+    await asyncio.wait_for(server.closed.wait(), 2)
