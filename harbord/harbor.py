@@ -35,6 +35,7 @@ from harbord.schemas import (
     Status,
 )
 from harbord.state import StateStore
+from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Harbor:
         self.backends: dict[str, Backend] = {}
         self._views: list[policy.BackendView] = []
         self._session: aiohttp.ClientSession | None = None
+        # The relay's own keep-alive connections to the backends (the hot path).
+        self.upstreams = Pools()
         self._prober: Prober | None = None
         self._save_task: asyncio.Task[None] | None = None
         self._save_again = False
@@ -99,6 +102,7 @@ class Harbor:
             await self._prober.stop()
         if self._save_task is not None:
             await asyncio.shield(self._save_task)
+        self.upstreams.close()
         if self._session is not None:
             await self._session.close()
 
@@ -124,6 +128,7 @@ class Harbor:
         removed = [name for name in self.backends if name not in config.backends]
         self.config = config
         self._build_backends(config)
+        self.upstreams.keep({b.config.url for b in self.backends.values()})
         if self._prober is not None:
             self._prober.routing = config.routing
             await self._prober.stop(removed)

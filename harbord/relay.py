@@ -33,6 +33,7 @@ from harbord.backends import Backend
 from harbord.classify import classify, error_text, is_retryable
 from harbord.harbor import Harbor
 from harbord.schemas import Attempt, Decision, ErrorClass, Plan
+from harbord.upstream import ConnectError, ConnectTimeout, Exchange, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,44 @@ def _stream_error(message: str, sse: bool) -> bytes:
     return _error_json.encode({"error": message}) + b"\n"
 
 
-async def _first_line(content: aiohttp.StreamReader) -> bytes:
+class _SessionAnswer:
+    """An aiohttp answer read like an Exchange: for uploads streamed from the client (blobs)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.status = response.status
+        self.content_type = response.content_type
+        self.headers: Mapping[str, str] = response.headers
+
+    async def read_chunk(self) -> bytes:
+        return await self.response.content.readany()
+
+    async def read_body(self, limit: int | None = None) -> bytes:
+        if limit is None:
+            return await self.response.read()
+        # read(n) returns what has arrived so far: loop to the end (or the cap).
+        parts: list[bytes] = []
+        size = 0
+        while size < limit:
+            part = await self.response.content.read(limit - size)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.response.close()
+
+
+Answer = Exchange | _SessionAnswer
+
+
+async def _first_line(upstream: Answer) -> bytes:
     """What the backend sent up to the end of its first line (or EOF, or MAX_LINE)."""
-    data = await content.readany()
+    data = await upstream.read_chunk()
     while data and b"\n" not in data and len(data) < MAX_LINE:
-        more = await content.readany()
+        more = await upstream.read_chunk()
         if not more:
             break
         data += more
@@ -241,7 +275,7 @@ class Relay:
                 "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
             )
         backend.in_flight += 1
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Answer | None = None
         # The prober fires this deadline early when the backend hangs (Backend.mark_hung).
         wait = config.first_byte_timeout if decision.stream else config.answer_timeout
         deadline = asyncio.timeout(wait)
@@ -249,18 +283,31 @@ class Relay:
         try:
             try:
                 async with deadline:
-                    upstream = await self.harbor.session.request(
-                        request.method,
-                        config.url + request.path_qs,
-                        data=body,
-                        headers=headers,
-                        timeout=backend.client_timeout,
-                    )
+                    if isinstance(body, bytes):
+                        upstream = await self.harbor.upstreams.request(
+                            config.url,
+                            request.method,
+                            request.path_qs,
+                            headers.items(),
+                            body,
+                            config.connect_timeout,
+                        )
+                        await upstream.response_head()
+                    else:
+                        upstream = _SessionAnswer(
+                            await self.harbor.session.request(
+                                request.method,
+                                config.url + request.path_qs,
+                                data=body,
+                                headers=headers,
+                                timeout=backend.client_timeout,
+                            )
+                        )
                     if upstream.status >= 400:
                         return await _failure_from_answer(upstream)
                     streaming = upstream.content_type in _STREAM_TYPES
-                    first = await (_first_line(upstream.content) if streaming else upstream.read())
-            except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: this one first
+                    first = await (_first_line(upstream) if streaming else upstream.read_body())
+            except (ConnectTimeout, aiohttp.ConnectionTimeoutError):  # before TimeoutError
                 return Failure(
                     "network",
                     f"connecting to {backend.name} timed out after {config.connect_timeout:g}s",
@@ -276,13 +323,15 @@ class Relay:
                     f"no answer from {backend.name} within {wait:g}s",
                     timeout=True,
                 )
+            except ConnectError as err:
+                return Failure("network", f"cannot connect to {backend.name}: {err.reason}")
             except aiohttp.ClientConnectorError as err:
                 return Failure(
                     "network",
                     f"cannot connect to {backend.name}: "
                     f"{err.os_error.strerror or type(err.os_error).__name__}",
                 )
-            except (aiohttp.ClientError, OSError) as err:
+            except (UpstreamError, aiohttp.ClientError, OSError) as err:
                 return Failure(
                     "network", f"{backend.name} broke the connection ({type(err).__name__})"
                 )
@@ -332,7 +381,7 @@ class Relay:
     async def _stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Answer,
         backend: Backend,
         first: bytes,
         headers: CIMultiDict[str],
@@ -347,7 +396,7 @@ class Relay:
         self._served(backend, decision)
         idle = backend.config.idle_timeout
         loop = asyncio.get_running_loop()
-        content = upstream.content
+        read_chunk = upstream.read_chunk
         failure: tuple[ErrorClass, str] | None = None
         # Moving the deadline on every chunk costs a timer per token; moving it by 1.5 idle
         # periods at most every half period keeps it between idle and 1.5 idle after the
@@ -356,7 +405,7 @@ class Relay:
         try:
             async with asyncio.timeout(idle * 1.5) as idle_deadline:
                 while True:
-                    chunk = await content.readany()
+                    chunk = await read_chunk()
                     if not chunk:
                         break
                     now = loop.time()
@@ -375,6 +424,7 @@ class Relay:
         except TimeoutError:
             failure = "network", f"{backend.name} sent nothing for {idle:g}s"
         except (
+            UpstreamError,
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError,
@@ -397,7 +447,7 @@ class Relay:
 
     def _response_headers(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: Answer,
         backend: Backend,
         failures: list[tuple[str, Failure]],
         decision: Decision,
@@ -515,17 +565,8 @@ def _log_decision(d: Decision) -> None:
     )
 
 
-async def _failure_from_answer(upstream: aiohttp.ClientResponse) -> Failure:
-    # read(n) returns what has arrived so far: loop to the end (or the cap).
-    parts: list[bytes] = []
-    size = 0
-    while size < MAX_ERROR_BODY:
-        part = await upstream.content.read(MAX_ERROR_BODY - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    body = b"".join(parts)
+async def _failure_from_answer(upstream: Answer) -> Failure:
+    body = await upstream.read_body(MAX_ERROR_BODY)
     text = error_text(body) or f"HTTP {upstream.status}"
     return Failure(
         classify(upstream.status, text), text, upstream.status, body, upstream.content_type
