@@ -127,6 +127,13 @@ class Daemon:
             log.info(
                 "also listening on http://%s%s", cfg.tcp.listen, " (bearer token)" if token else ""
             )
+            if token is None:
+                # Loopback is not private on a shared machine: every local user can connect.
+                log.warning(
+                    "the TCP listener on %s has no token_file: every user of this machine "
+                    "can use it",
+                    cfg.tcp.listen,
+                )
         for signum, flag in (
             (signal.SIGTERM, self._stop),
             (signal.SIGINT, self._stop),

@@ -144,6 +144,7 @@ def test_tcp_listener_loopback_without_token(
         )
         assert reply.status_code == 200
         assert reply.headers["X-Harbor-Backend"] == "gpu"
+        assert "has no token_file: every user of this machine can use it" in daemon.log()
     finally:
         daemon.stop()
 
