@@ -74,6 +74,16 @@ class Failure:
     body: bytes | None = None
     content_type: str | None = None
     timeout: bool = False
+    refused: bool = False  # the connection was refused: cool the backend down
+
+
+def _hung(backend: Backend) -> Failure:
+    return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
+
+
+def _fallbacks_header(failures: list[tuple[str, Failure]]) -> str:
+    """X-Harbor-Fallbacks: the backends that failed before, with their error classes."""
+    return ", ".join(f"{name}={failure.error_class}" for name, failure in failures)
 
 
 def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -230,8 +240,7 @@ class Relay:
             started = time.monotonic()
             outcome = await self._attempt(request, backend, headers, body, failures, decision)
             elapsed = (time.monotonic() - started) * 1000
-            if isinstance(outcome, web.StreamResponse):
-                decision.served_by = backend.name
+            if isinstance(outcome, web.StreamResponse):  # _served() recorded who
                 decision.status = outcome.status
                 served = next(
                     (a for a in reversed(decision.attempts) if a.outcome == "served"), None
@@ -269,7 +278,7 @@ class Relay:
     ) -> web.StreamResponse | Failure:
         config = backend.config
         if backend.hung:  # the prober already knows: don't wait for it to say so again
-            return Failure("network", f"{backend.name} is hung (probes time out)", timeout=True)
+            return _hung(backend)
         if not await backend.limiter.acquire():
             return Failure(
                 "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
@@ -315,21 +324,22 @@ class Relay:
                 )
             except TimeoutError:
                 if backend.hung:
-                    return Failure(
-                        "network", f"{backend.name} is hung (probes time out)", timeout=True
-                    )
+                    return _hung(backend)
                 return Failure(
                     "network",
                     f"no answer from {backend.name} within {wait:g}s",
                     timeout=True,
                 )
             except ConnectError as err:
-                return Failure("network", f"cannot connect to {backend.name}: {err.reason}")
+                return Failure(
+                    "network", f"cannot connect to {backend.name}: {err.reason}", refused=True
+                )
             except aiohttp.ClientConnectorError as err:
                 return Failure(
                     "network",
                     f"cannot connect to {backend.name}: "
                     f"{err.os_error.strerror or type(err.os_error).__name__}",
+                    refused=True,
                 )
             except (UpstreamError, aiohttp.ClientError, OSError) as err:
                 return Failure(
@@ -458,7 +468,7 @@ class Relay:
         headers["X-Harbor-Backend"] = backend.name
         headers["X-Harbor-Request-Id"] = decision.id
         if failures:
-            headers["X-Harbor-Fallbacks"] = ", ".join(f"{n}={f.error_class}" for n, f in failures)
+            headers["X-Harbor-Fallbacks"] = _fallbacks_header(failures)
         return headers
 
     def _served(self, backend: Backend, decision: Decision) -> None:
@@ -479,7 +489,7 @@ class Relay:
         backend.record_failure(
             failure.error_class,
             failure.text,
-            refused=failure.text.startswith("cannot connect"),
+            refused=failure.refused,
         )
         if failure.error_class == "oom" and backend.config.kind == "gpu" and plan.model:
             target = self._cpu_for(plan)
@@ -512,7 +522,7 @@ class Relay:
     ) -> web.Response:
         headers = {}
         if failures:
-            headers["X-Harbor-Fallbacks"] = ", ".join(f"{n}={f.error_class}" for n, f in failures)
+            headers["X-Harbor-Fallbacks"] = _fallbacks_header(failures)
         headers["X-Harbor-Request-Id"] = decision.id
         if not failures:
             headers["Retry-After"] = "5"
