@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -29,6 +29,16 @@ probe_timeout = "0.5s"
 inventory_interval = "1s"
 hung_after_probes = 2
 """
+
+
+class _HasUrl(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+def gpu_cpu(gpu: _HasUrl, cpu: _HasUrl) -> dict[str, tuple[str, str]]:
+    """The usual pair of backends for `Harbord.start`: name -> (url, kind)."""
+    return {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")}
 
 
 def uds_client(socket: Path, timeout: float = 30.0, **kwargs: Any) -> httpx.Client:

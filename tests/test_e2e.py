@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.fakeproc import FakeOllama
-from tests.harness import ROOT, Harbord
+from tests.harness import ROOT, Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +48,7 @@ def cpu() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def harbord(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> Iterator[Harbord]:
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         yield daemon
     finally:
@@ -109,7 +109,7 @@ def test_heavy_intent_goes_to_cpu_by_header_and_by_body(harbord: Harbord, cpu: F
 def test_model_rule_and_default(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config='[models."qwen2.5-coder:7b"]\nintent = "heavy"\n',
     )
     try:
@@ -420,7 +420,7 @@ def test_clear_errors_for_bad_input(harbord: Harbord) -> None:
 def test_body_over_limit_is_413(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config='max_body_size = "1KiB"\n',
     )
     try:
@@ -529,7 +529,7 @@ def test_socket_mode_and_liveness(harbord: Harbord, tmp_path: Path) -> None:
 def test_corrupt_state_file_starts_clean(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> None:
     (tmp_path / "state").mkdir(parents=True)
     (tmp_path / "state" / "state.json").write_text("{torn")
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         status = daemon.status()
         assert "corrupt" in status["state_note"]

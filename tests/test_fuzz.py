@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from harbord import harbor_api, ollama_api
 from harbord.server import ROUTED_PATHS
 from tests.fakeproc import FakeOllama
-from tests.harness import Harbord
+from tests.harness import Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
 
@@ -199,7 +199,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harbord]:
     with FakeOllama.start("gpu") as gpu, FakeOllama.start("cpu", cpu=True) as cpu:
         daemon = Harbord.start(
             tmp_path_factory.mktemp("fuzz"),
-            {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+            gpu_cpu(gpu, cpu),
             extra_config='max_body_size = "64KiB"\n',
         )
         try:

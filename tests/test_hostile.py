@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.fakeproc import FakeOllama
-from tests.harness import Harbord
+from tests.harness import Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ def daemon(
     gpu, cpu = backends
     daemon = Harbord.start(
         tmp_path_factory.mktemp("hostile"),
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config='max_body_size = "1MiB"\nclient_timeout = "3s"\n',
     )
     try:
@@ -265,7 +265,7 @@ def test_pin_request_that_is_not_utf8_is_a_400(
     tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
 ) -> None:
     gpu, cpu = backends  # its own daemon: the module's must end with a clean log
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         with daemon.client() as client:
             response = client.put("/harbor/pins/llama3.2", content=b'{"backend": "\xff"}')

@@ -9,13 +9,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakeproc import FakeOllama
-from tests.harness import Harbord
+from tests.harness import Harbord, gpu_cpu
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[Harbord, FakeOllama, FakeOllama]]:
     with FakeOllama.start("gpu") as gpu, FakeOllama.start("cpu", cpu=True) as cpu:
-        harbord = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+        harbord = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
         try:
             yield harbord, gpu, cpu
         finally:

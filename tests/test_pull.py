@@ -22,7 +22,7 @@ import pytest
 
 from harbord.ctl.commands import pull
 from tests.fakeproc import FakeOllama
-from tests.harness import ROOT, Harbord
+from tests.harness import ROOT, Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def cpu() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def harbord(tmp_path: Path, gpu: FakeOllama, cpu: FakeOllama) -> Iterator[Harbord]:
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         yield daemon
     finally:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.fakeproc import FakeOllama, free_port
-from tests.harness import Harbord
+from tests.harness import Harbord, gpu_cpu
 
 OTHER_USER = "harbor-test-other"
 
@@ -73,7 +73,7 @@ def test_other_user_is_refused(backends: tuple[FakeOllama, FakeOllama], other_us
     workdir.chmod(0o755)
     daemon = Harbord.start(
         workdir,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config="allow_root = false\n",
     )
     try:
@@ -97,7 +97,7 @@ def test_other_user_is_refused(backends: tuple[FakeOllama, FakeOllama], other_us
 
 def test_own_user_is_served(tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]) -> None:
     gpu, cpu = backends
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         with daemon.client() as client:
             assert client.get("/harbor/status").status_code == 200
@@ -109,7 +109,7 @@ def test_no_tcp_listener_by_default(
     tmp_path: Path, backends: tuple[FakeOllama, FakeOllama]
 ) -> None:
     gpu, cpu = backends
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         assert daemon.proc is not None
         listening = Path(f"/proc/{daemon.proc.pid}/net/tcp").read_text()
@@ -133,7 +133,7 @@ def test_tcp_listener_loopback_without_token(
     port = free_port()
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\n',
     )
     try:
@@ -157,7 +157,7 @@ def test_tcp_listener_with_token(tmp_path: Path, backends: tuple[FakeOllama, Fak
     port = free_port()
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config=f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n',
     )
     try:
@@ -205,7 +205,7 @@ def test_world_readable_token_is_refused(
     token_file.chmod(0o644)
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         wait=False,
         extra_config=f'[tcp]\nlisten = "127.0.0.1:{free_port()}"\ntoken_file = "{token_file}"\n',
     )
@@ -220,7 +220,7 @@ def test_trickled_headers_are_cut_off(
     gpu, cpu = backends
     daemon = Harbord.start(
         tmp_path,
-        {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")},
+        gpu_cpu(gpu, cpu),
         extra_config='client_timeout = "1s"\n',
     )
     try:

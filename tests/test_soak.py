@@ -39,7 +39,7 @@ import httpx
 import pytest
 
 from tests.fakeproc import FakeOllama
-from tests.harness import Harbord
+from tests.harness import Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
 
@@ -238,7 +238,7 @@ def test_soak(tmp_path: Path) -> None:
     gpu = FakeOllama.start("gpu", models=MODELS, token_delay=0.01)
     cpu = FakeOllama.start("cpu", models=MODELS, cpu=True, token_delay=0.01)
     backends = Backends(gpu, cpu)
-    daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+    daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
     try:
         warmup = run_load(daemon, WARMUP, seed=1)
         assert all(o.problem is None for o in warmup), [o.problem for o in warmup if o.problem][:5]

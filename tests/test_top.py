@@ -25,7 +25,7 @@ import pytest
 from harbord.ctl.commands import top
 from harbord.schemas import Attempt, LoadedModel, Pin, UnitStatus
 from tests.fakeproc import FakeOllama
-from tests.harness import ROOT, Harbord
+from tests.harness import ROOT, Harbord, gpu_cpu
 from tests.test_ctl import ANSI, backend, decision, status
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ def harbord(tmp_path: Path) -> Iterator[Harbord]:
         FakeOllama.start("gpu", models=MODELS, vram=6_000_000_000) as gpu,
         FakeOllama.start("cpu", models=MODELS, cpu=True) as cpu,
     ):
-        daemon = Harbord.start(tmp_path, {"gpu": (gpu.url, "gpu"), "cpu": (cpu.url, "cpu")})
+        daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
         try:
             yield daemon
         finally:
