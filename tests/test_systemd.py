@@ -27,6 +27,7 @@ import pytest
 
 from harbord import setup_units
 from tests.fakeproc import free_port
+from tests.harness import FAST_ROUTING
 from tests.systemd_manager import (
     ManagerUnavailable,
     UserManager,
@@ -52,17 +53,13 @@ GPU = {"X-Harbor-Backend": "gpu"}
 WATCHDOG_SEC = 3
 DRAIN_SEC = 4
 
-CONFIG = """\
+CONFIG = (
+    """\
 log_level = "info"
 drain_timeout = "{drain}s"
-
-[routing]
-probe_interval = "0.5s"
-probe_interval_down = "0.2s"
-probe_timeout = "0.5s"
-inventory_interval = "1s"
-hung_after_probes = 2
-
+"""
+    + FAST_ROUTING
+    + """
 [supervisor]
 poll_interval = "1s"
 backoff_initial = "0.5s"
@@ -80,6 +77,7 @@ url = "http://127.0.0.1:{cpu_port}"
 kind = "cpu"
 unit = "{cpu_unit}"
 """
+)
 
 
 def skip_or_fail(reason: str) -> None:
