@@ -65,15 +65,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 class BadBody(Exception):
-    """A body msgspec cannot take: not UTF-8 inside a string, or nested too deeply."""
+    """A body that is not JSON we can take, with the message the client gets."""
 
 
 def _decode(decode: Callable[[bytes], _T], body: bytes) -> _T:
-    """msgspec's decode, with its non-msgspec errors turned into one we answer with a 400.
+    """msgspec's decode, with every way it refuses untrusted bytes turned into BadBody.
 
-    msgspec raises UnicodeDecodeError for invalid UTF-8 in a string it decodes
-    (fields it skips are not checked), and RecursionError for arrays or objects
-    nested deeper than Python's recursion limit allows.
+    Invalid UTF-8 in a decoded string is a UnicodeDecodeError up to msgspec 0.19
+    and a DecodeError ("Invalid UTF-8 encoded string") from 0.20 on; arrays or
+    objects nested deeper than the recursion limit raise RecursionError. A
+    ValidationError (the JSON is fine, a field's type is not) is left to the caller.
     """
     try:
         return decode(body)
@@ -81,6 +82,12 @@ def _decode(decode: Callable[[bytes], _T], body: bytes) -> _T:
         raise BadBody("invalid JSON: a string is not valid UTF-8") from None
     except RecursionError:
         raise BadBody("invalid JSON: nested too deeply") from None
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError as err:
+        if "utf-8" in str(err).lower():
+            raise BadBody("invalid JSON: a string is not valid UTF-8") from None
+        raise BadBody(f"invalid JSON: {err}") from None
 
 
 def _strip_intent(body: bytes) -> bytes:
@@ -123,8 +130,6 @@ async def routed(request: web.Request) -> web.StreamResponse:
         return _client_error(harbor, 400, str(err), openai)
     except msgspec.ValidationError as err:
         return _client_error(harbor, 400, f"invalid request: {err}", openai)
-    except msgspec.DecodeError as err:
-        return _client_error(harbor, 400, f"invalid JSON: {err}", openai)
     model = facts.model_name
     if not model:
         return _client_error(harbor, 400, "model is required", openai)
