@@ -6,7 +6,8 @@
 - A new connection must deliver its first request head within
   `client_timeout` seconds, so clients that trickle headers cannot hold
   connections open (aiohttp's keep-alive timeout bounds later heads, and the
-  routed handler bounds bodies).
+  routed handler bounds bodies). The end of the head is found however large
+  the head and however it is split across reads, keeping only three bytes.
 - The optional TCP listener serves the same API; when a token file is set,
   every request needs `Authorization: Bearer <token>`, compared in constant
   time. A non-loopback listener without a token is refused by the config
@@ -28,7 +29,9 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-_UCRED = struct.Struct("3i")
+# struct ucred: pid_t is signed, uid_t and gid_t are not (a uid may pass 2**31).
+_UCRED = struct.Struct("iII")
+_HEAD_END = b"\r\n\r\n"  # the only head end aiohttp's parsers accept
 # Room for a thousand clients connecting at once (the kernel caps it at somaxconn).
 BACKLOG = 4096
 _FORBIDDEN_BODY = b'{"error":"forbidden: this harbord serves only its own user"}'
@@ -48,6 +51,30 @@ def peer_uid(transport: asyncio.BaseTransport) -> int | None:
     return int(uid)
 
 
+class HeadEndScanner:
+    """Finds the blank line that ends a request head in data that comes in pieces.
+
+    Only the last three bytes of what came before are kept, so the end is found
+    where it straddles two reads, in constant memory however long the head.
+    """
+
+    __slots__ = ("_tail", "ended")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.ended = False
+
+    def feed(self, data: bytes) -> bool:
+        """Whether the head has ended, in this piece, across its start or before it."""
+        if not self.ended:
+            keep = len(_HEAD_END) - 1
+            if _HEAD_END in self._tail + data[:keep] or _HEAD_END in data:
+                self.ended, self._tail = True, b""
+            else:
+                self._tail = (self._tail + data[-keep:])[-keep:]
+        return self.ended
+
+
 class PeerPolicy:
     def __init__(self, allow_root: bool) -> None:
         self.uid = os.getuid()
@@ -59,10 +86,10 @@ class PeerPolicy:
         return uid == self.uid or (uid == 0 and self.allow_root)
 
 
-class _GuardedProtocol(asyncio.Protocol):
+class GuardedProtocol(asyncio.Protocol):
     """Wraps aiohttp's protocol: checks the peer, and times the first request head."""
 
-    __slots__ = ("_head_timeout", "_inner", "_policy", "_refused", "_tail", "_timer")
+    __slots__ = ("_head", "_head_timeout", "_inner", "_policy", "_refused", "_timer")
 
     def __init__(
         self, inner: asyncio.Protocol, policy: PeerPolicy | None, head_timeout: float
@@ -71,7 +98,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self._policy = policy
         self._head_timeout = head_timeout
         self._timer: asyncio.TimerHandle | None = None
-        self._tail = b""
+        self._head = HeadEndScanner()
         self._refused: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,14 +139,15 @@ class _GuardedProtocol(asyncio.Protocol):
                 self._refused.close()
                 self._refused = None
             return
-        if self._timer is not None:
-            seen = self._tail + data[:4096]
-            if b"\r\n\r\n" in seen or b"\n\n" in seen:
-                self._timer.cancel()
-                self._timer = None
-            else:
-                self._tail = seen[-3:]
+        if self._timer is not None and self._head.feed(data):
+            self._timer.cancel()
+            self._timer = None
         self._inner.data_received(data)
+
+    @property
+    def awaiting_head(self) -> bool:
+        """Whether the first request head is still being timed."""
+        return self._timer is not None
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
@@ -167,7 +195,7 @@ class GuardedSite(web.BaseSite):
         policy, timeout = self._policy, self._head_timeout
 
         def factory() -> asyncio.Protocol:
-            return _GuardedProtocol(server(), policy, timeout)
+            return GuardedProtocol(server(), policy, timeout)
 
         loop = asyncio.get_running_loop()
         # Pass the backlog again: create_server() listens anew, with 100 by default.
