@@ -1,37 +1,38 @@
-"""Supervision of the backends' systemd user units, without D-Bus.
+"""Supervision of the backends' systemd user units, without D-Bus: the doing.
 
 One loop ticks a few times a second and looks at each backend (cheap: no I/O).
 A backend's unit is read with `systemctl --user show` every
 `supervisor.poll_interval`, and at once when the backend's health changes.
-What it does, per backend:
-
-- unit active but the backend hung (the prober's `backend.hung`): restart it;
-- unit failed (e.g. systemd's start limit was hit): `reset-failed`, then start;
-- unit inactive: the user stopped it, so leave it alone, unless
-  `supervisor.keep_running` says to start it again.
-
-Restarts back off exponentially (`backoff_initial` doubling up to
-`backoff_max`) and spend a budget of `restart_budget` per `budget_window`;
-a spent budget stops the restarts and says so. After harbord restarted a
-backend, the models it had loaded (its last `/api/ps`) are loaded again.
-Every systemctl call is an argument list with a timeout, never a shell.
+Each look gathers the facts and asks restart_policy.decide what to do (restart
+a hung backend, reset-and-start a failed unit, leave a stopped one alone,
+back off, respect the budget); this module only reads, acts and reports.
+After harbord restarted a backend, the models it had loaded (its last
+`/api/ps`) are loaded again. Every systemctl call is an argument list with a
+timeout, never a shell.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import datetime
 import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from harbord.backends import Backend
 from harbord.config import SupervisorConfig
 from harbord.harbor import Harbor
+from harbord.restart_policy import (
+    Action,
+    RestartDecision,
+    RestartHistory,
+    UnitFacts,
+    after_restart,
+    decide,
+    fresh_history,
+    requested,
+    unit_note,
+)
 from harbord.schemas import UnitStatus
 from harbord.systemctl import (
     UNIT_RE,
@@ -41,6 +42,7 @@ from harbord.systemctl import (
     parse_show,
     systemctl,
 )
+from harbord.warming import loaded_models, warm
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +50,6 @@ SHOW_PROPERTIES = "ActiveState,SubState,NRestarts,MainPID,StateChangeTimestamp,L
 
 TICK = 0.25  # seconds between the cheap looks at the backends
 ACTION_TIMEOUT = 120.0  # a stop may take TimeoutStopSec, then the start
-WARM_WAIT = 180.0  # how long a restarted backend may take to answer before warming
-WARM_ATTEMPTS = 3
-FOREVER = 10 * 365 * 86400.0  # an expiry further away than this is keep_alive -1
-
-
-def keep_alive_for(expires_at: str | None, now: float) -> str | int | None:
-    """What to pass as keep_alive to get back the model's remaining time; None: the default."""
-    if not expires_at:
-        return None
-    try:
-        expires = datetime.datetime.fromisoformat(expires_at).timestamp()
-    except ValueError:
-        return None
-    remaining = expires - now
-    if remaining > FOREVER:
-        return -1
-    if remaining < 1:
-        return None
-    return f"{int(remaining)}s"
 
 
 @dataclass
@@ -74,20 +57,17 @@ class Watch:
     """What the supervisor remembers about one backend's unit."""
 
     name: str
+    history: RestartHistory
     unit: str = ""
     props: dict[str, str] = field(default_factory=dict)
     next_poll: float = 0.0
     seen: tuple[object, ...] = ()
     task: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    restarts: collections.deque[float] = field(default_factory=collections.deque)
-    backoff: float = 0.0
-    next_allowed: float = 0.0
     harbor_restarts: int = 0
     last_restart: float | None = None
-    budget_exhausted: bool = False
-    note: str | None = None
-    error: str | None = None
+    note: str | None = None  # what harbord is doing to it: "restarting", "warming"
+    error: str | None = None  # why the unit could not be read
     warm_task: asyncio.Task[None] | None = None
 
 
@@ -109,7 +89,7 @@ class Supervisor:
         self.harbor.restart_backend = self.restart
         backends = self.harbor.backends.items()
         for name in self.harbor.backends:
-            self.watches[name] = Watch(name, backoff=self.config.backoff_initial)
+            self.watches[name] = Watch(name, fresh_history(self.config))
         await asyncio.gather(*(self._poll(self.watches[n], b) for n, b in backends))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="supervisor")
 
@@ -170,7 +150,7 @@ class Supervisor:
                 if task is not None:
                     task.cancel()
         for name, backend in self.harbor.backends.items():
-            watch = self.watches.setdefault(name, Watch(name, backoff=self.config.backoff_initial))
+            watch = self.watches.setdefault(name, Watch(name, fresh_history(self.config)))
             seen = (backend.health, backend.hung, backend.config.unit)
             if watch.task is not None and not watch.task.done():
                 continue
@@ -185,11 +165,14 @@ class Supervisor:
         try:
             async with watch.lock:
                 await self._poll(watch, backend)
-                self._review_budget(watch, backend)
-                action = self._decide(watch, backend)
-                if action is not None:
-                    verb, reason = action
-                    await self._act(watch, backend, verb, reason)
+                facts = self._facts(watch, backend)
+                now = time.monotonic()
+                decision = decide(facts, watch.history, self.config, now, self._enabled)
+                watch.history = decision.history
+                if decision.budget_change is not None:
+                    self._budget_changed(watch, backend, decision)
+                if decision.action != "none":
+                    await self._act(watch, backend, decision.action, decision.reason)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -229,38 +212,41 @@ class Supervisor:
         watch.props = props
         self._publish(watch, backend)
 
+    def _note(self, watch: Watch, backend: Backend, note: str | None) -> None:
+        watch.note = note
+        self._publish(watch, backend)
+
+    @staticmethod
+    def _facts(watch: Watch, backend: Backend) -> UnitFacts:
+        props = watch.props if watch.error is None else {}
+        return UnitFacts(
+            unit=watch.unit or backend.config.unit,
+            load_state=props.get("LoadState", ""),
+            active_state=props.get("ActiveState", ""),
+            sub_state=props.get("SubState", ""),
+            read_error=watch.error,
+            backend_up=backend.health == "up",
+            hung=backend.hung,
+            hung_reason=backend.last_error or "hung",
+        )
+
     def _publish(self, watch: Watch, backend: Backend, error: str | None = None) -> None:
         """Fill backend.unit_status from what we know; tell systemd's STATUS= when it changed."""
         watch.error = error
         props = watch.props if error is None else {}
-        load = props.get("LoadState", "")
-        active, sub = props.get("ActiveState", "unknown"), props.get("SubState", "unknown")
-        note = watch.note
-        if error is not None:
-            note = error
-        elif load and load != "loaded":
-            note = "unit not installed" if load == "not-found" else f"unit {load}"
-        elif note is None:
-            if watch.budget_exhausted:
-                note = "restart budget spent"
-            elif active == "failed":
-                note = "unit failed"
-            elif active == "inactive":
-                note = "stopped" if self.config.keep_running else "stopped; left alone"
-            elif sub == "auto-restart" or active == "activating":
-                note = "restarting (systemd)"
+        facts = self._facts(watch, backend)
         status = UnitStatus(
-            name=watch.unit or backend.config.unit,
-            active_state=active,
-            sub_state=sub,
+            name=facts.unit,
+            active_state=facts.active_state or "unknown",
+            sub_state=facts.sub_state or "unknown",
             main_pid=_int(props.get("MainPID")),
             n_restarts=_int(props.get("NRestarts")),
             since=props.get("StateChangeTimestamp") or None,
-            supervised=error is None and load == "loaded" and self._enabled,
+            supervised=error is None and facts.load_state == "loaded" and self._enabled,
             harbor_restarts=watch.harbor_restarts,
             last_restart=watch.last_restart,
-            budget_exhausted=watch.budget_exhausted,
-            note=note,
+            budget_exhausted=watch.history.budget_exhausted,
+            note=unit_note(facts, watch.history, self.config, watch.note),
         )
         if status != backend.unit_status:
             backend.unit_status = status
@@ -268,112 +254,74 @@ class Supervisor:
 
     # -- deciding and acting ------------------------------------------------------------
 
-    def _decide(self, watch: Watch, backend: Backend) -> tuple[str, str] | None:
-        props = watch.props
-        if watch.error is not None or props.get("LoadState") != "loaded":
-            return None
-        active = props.get("ActiveState")
-        if active == "active" and backend.hung:
-            verb, reason = "restart", backend.last_error or "hung"
-        elif active == "failed":
-            verb, reason = "start-failed", "the unit failed"
-        elif active == "inactive" and self.config.keep_running:
-            verb, reason = "start", "the unit is stopped and supervisor.keep_running is set"
+    def _budget_changed(self, watch: Watch, backend: Backend, decision: RestartDecision) -> None:
+        if decision.budget_change == "spent":
+            if watch.warm_task is not None:
+                watch.warm_task.cancel()
+            log.error(
+                "restart budget spent for %s (%s): %d restarts within %gs; not restarting it "
+                "until the window has passed (requests go to the other backends)",
+                backend.name,
+                watch.unit,
+                len(decision.history.restarts),
+                self.config.budget_window,
+            )
         else:
-            return None
-        if len(watch.restarts) >= self.config.restart_budget:
-            if not watch.budget_exhausted:
-                watch.budget_exhausted = True
-                if watch.warm_task is not None:
-                    watch.warm_task.cancel()
-                log.error(
-                    "restart budget spent for %s (%s): %d restarts within %gs; not restarting it "
-                    "until the window has passed (requests go to the other backends)",
-                    backend.name,
-                    watch.unit,
-                    len(watch.restarts),
-                    self.config.budget_window,
-                )
-                self._publish(watch, backend)
-            return None
-        if time.monotonic() < watch.next_allowed:
-            return None  # backing off; a later poll looks again
-        return verb, reason
-
-    def _review_budget(self, watch: Watch, backend: Backend) -> None:
-        """Forget restarts older than the window; reset the backoff of a backend that stays up."""
-        cfg, now = self.config, time.monotonic()
-        while watch.restarts and now - watch.restarts[0] > cfg.budget_window:
-            watch.restarts.popleft()
-        if watch.budget_exhausted and len(watch.restarts) < cfg.restart_budget:
-            watch.budget_exhausted = False
             log.info("restart budget for %s (%s) is available again", backend.name, watch.unit)
-            self._publish(watch, backend)
-        healthy = backend.health == "up" and not backend.hung
-        if healthy and (not watch.restarts or now - watch.restarts[-1] >= cfg.backoff_max):
-            watch.backoff = cfg.backoff_initial
+        self._publish(watch, backend)
 
     async def _act(
-        self, watch: Watch, backend: Backend, verb: str, reason: str, automatic: bool = True
+        self, watch: Watch, backend: Backend, action: Action, reason: str, automatic: bool = True
     ) -> tuple[bool, str]:
         """Restart or start the unit; warm the models afterwards. Call with watch.lock held.
 
         Automatic restarts spend the budget and back off; one the operator asks for
         starts both afresh."""
         unit = watch.unit
-        models = [(m.name, keep_alive_for(m.expires_at, time.time())) for m in backend.loaded]
+        models = loaded_models(backend, time.time())
         log.warning(
             "%s %s (%s): %s",
-            "starting" if verb != "restart" else "restarting",
+            "starting" if action != "restart" else "restarting",
             unit,
             backend.name,
             reason,
         )
-        watch.note = "restarting"
-        self._publish(watch, backend)
-        now = time.monotonic()
+        self._note(watch, backend, "restarting")
         watch.harbor_restarts += 1
         watch.last_restart = time.time()
-        if automatic:
-            watch.restarts.append(now)
-            watch.next_allowed = now + watch.backoff
-            watch.backoff = min(watch.backoff * 2, self.config.backoff_max)
-        else:
-            watch.restarts.clear()
-            watch.budget_exhausted = False
-            watch.backoff = self.config.backoff_initial
-            watch.next_allowed = now + watch.backoff
+        watch.history = after_restart(watch.history, self.config, time.monotonic(), automatic)
         if watch.warm_task is not None:
             watch.warm_task.cancel()  # it was for the process this action replaces
-        ok, message = await self._systemctl_action(verb, unit)
+        ok, message = await self._systemctl_action(action, unit)
+        done = "restarted" if action == "restart" else "started"
         watch.note = None
         # The old process is gone (it may have answered a probe while stopping): the
         # new one counts as down until the prober hears from it.
         backend.hung = False
         backend.probe_timeouts = 0
-        backend.mark_down(f"{'restarted' if verb == 'restart' else 'started'} by harbord")
+        backend.mark_down(f"{done} by harbord")
         backend.wake.set()
         if ok:
-            log.info(
-                "%s %s (%s): done",
-                "restarted" if verb == "restart" else "started",
-                unit,
-                backend.name,
-            )
+            log.info("%s %s (%s): done", done, unit, backend.name)
             if models and self.config.warm_after_restart:
                 watch.warm_task = asyncio.get_running_loop().create_task(
-                    self._warm(watch, backend, models), name=f"warm-{backend.name}"
+                    warm(
+                        self.harbor, backend, models, lambda note: self._note(watch, backend, note)
+                    ),
+                    name=f"warm-{backend.name}",
                 )
         else:
-            log.error("could not %s %s (%s): %s", verb.split("-")[0], unit, backend.name, message)
+            verb = "restart" if action == "restart" else "start"
+            log.error("could not %s %s (%s): %s", verb, unit, backend.name, message)
         await self._poll(watch, backend)
         return ok, message
 
-    async def _systemctl_action(self, verb: str, unit: str) -> tuple[bool, str]:
+    @staticmethod
+    async def _systemctl_action(action: Action, unit: str) -> tuple[bool, str]:
+        verb = "restart" if action == "restart" else "start"
         try:
-            if verb == "start-failed":
+            if action == "reset-and-start":
                 await systemctl("reset-failed", "--", unit)
-                verb = "start"
             code, _, err = await systemctl(verb, "--", unit, timeout=ACTION_TIMEOUT)
         except SystemctlError as error:
             return False, str(error)
@@ -389,82 +337,15 @@ class Supervisor:
             return False, f"no backend named {name!r}"
         if not self._enabled:
             return False, "supervision is disabled in the configuration"
-        watch = self.watches.setdefault(name, Watch(name, backoff=self.config.backoff_initial))
+        watch = self.watches.setdefault(name, Watch(name, fresh_history(self.config)))
         async with watch.lock:
             await self._poll(watch, backend)
-            if watch.error is not None:
-                return False, f"{backend.config.unit}: {watch.error}"
-            if watch.props.get("LoadState") != "loaded":
-                return False, f"{watch.unit} is not installed ({watch.props.get('LoadState', '?')})"
-            verb = "start-failed" if watch.props.get("ActiveState") == "failed" else "restart"
+            decision = requested(self._facts(watch, backend))
+            if decision.action == "none":
+                return False, decision.reason
             return await self._act(
-                watch, backend, verb, "restart requested by the operator", automatic=False
+                watch, backend, decision.action, decision.reason, automatic=False
             )
-
-    # -- warming ---------------------------------------------------------------------
-
-    async def _warm(
-        self, watch: Watch, backend: Backend, models: list[tuple[str, str | int | None]]
-    ) -> None:
-        """Load the models the backend had before the restart, once it answers again."""
-        try:
-            for model, keep_alive in models:
-                for attempt in range(1, WARM_ATTEMPTS + 1):
-                    if not await self._answering(backend):
-                        log.warning(
-                            "not warming %s: it did not answer within %gs", backend.name, WARM_WAIT
-                        )
-                        return
-                    watch.note = "warming"
-                    self._publish(watch, backend)
-                    error = await self._load(backend, model, keep_alive)
-                    if error is None or attempt == WARM_ATTEMPTS:
-                        break
-                    await asyncio.sleep(backend.config.connect_timeout)
-                if error is not None:
-                    log.warning("warming %s on %s failed: %s", model, backend.name, error)
-            await self.harbor.prober.refresh_inventory(backend)  # status shows them loaded
-        finally:
-            watch.note = None
-            self._publish(watch, backend)
-
-    @staticmethod
-    async def _answering(backend: Backend) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WARM_WAIT):
-                while backend.health not in ("up", "degraded") or backend.hung:
-                    await asyncio.sleep(TICK)
-                return True
-        return False
-
-    async def _load(self, backend: Backend, model: str, keep_alive: str | int | None) -> str | None:
-        """An empty generate loads the model; None when it did, else what went wrong."""
-        body: dict[str, object] = {"model": model}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=backend.config.connect_timeout,
-            sock_read=backend.config.first_byte_timeout,
-        )
-        started = time.monotonic()
-        try:
-            async with self.harbor.session.post(
-                f"{backend.config.url}/api/generate", json=body, timeout=timeout
-            ) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as err:
-            return type(err).__name__
-        if resp.status != 200:
-            return f"the backend answered {resp.status}"
-        log.info(
-            "warmed %s on %s in %.1fs (keep_alive %s)",
-            model,
-            backend.name,
-            time.monotonic() - started,
-            keep_alive or "default",
-        )
-        return None
 
 
 def _int(value: str | None) -> int:
