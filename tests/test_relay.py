@@ -203,7 +203,7 @@ async def test_a_full_queue_spills_and_a_queue_wait_times_out_to_the_next_backen
     waiter = asyncio.create_task(stack.chat(stream=False))
 
     async def one_queued() -> bool:
-        return (await stack.backend("gpu"))["queued"] == 1
+        return bool((await stack.backend("gpu"))["queued"] == 1)
 
     await stack.wait_for(one_queued, "one request queued on the gpu")
     spilled = await stack.chat(stream=False)  # the queue is full: the cpu, at once
@@ -223,7 +223,7 @@ async def test_a_full_queue_spills_and_a_queue_wait_times_out_to_the_next_backen
 
 
 async def test_a_full_limiter_with_nowhere_to_go_is_a_503(make_stack: StackFactory) -> None:
-    stack = await make_stack({"gpu": 'max_concurrency = 1\nmax_queue = 0\n', "cpu": ""})
+    stack = await make_stack({"gpu": "max_concurrency = 1\nmax_queue = 0\n", "cpu": ""})
     stack.gpu.set_faults({"hang_generation": True})
     holder = asyncio.create_task(stack.chat(stream=False))
 
@@ -262,7 +262,7 @@ async def test_a_hung_backend_goes_down_moves_back_in_the_plan_and_returns(
     stack.gpu.set_faults({"hang": True})  # probes time out too
 
     async def gpu_down() -> bool:
-        return (await stack.backend("gpu"))["health"] == "down"
+        return bool((await stack.backend("gpu"))["health"] == "down")
 
     await stack.wait_for(gpu_down, "the prober to find the gpu hung")
     route = await stack.get_json(f"/harbor/route?model={MODEL}")
@@ -276,7 +276,7 @@ async def test_a_hung_backend_goes_down_moves_back_in_the_plan_and_returns(
     stack.gpu.set_faults({})
 
     async def gpu_up() -> bool:
-        return (await stack.backend("gpu"))["health"] == "up"
+        return bool((await stack.backend("gpu"))["health"] == "up")
 
     await stack.wait_for(gpu_up, "the prober to see the gpu back")
     route = await stack.get_json(f"/harbor/route?model={MODEL}")
