@@ -16,7 +16,7 @@ from aiohttp import web
 
 from tests.inproc import MODEL, Stack, StackFactory, read_ndjson
 
-QUICK_DEADLINES = 'first_byte_timeout = "0.2s"\nanswer_timeout = "0.2s"\n'
+QUICK_DEADLINES = 'first_byte_timeout = "0.1s"\nanswer_timeout = "0.1s"\n'
 API = pytest.mark.parametrize("openai", [False, True], ids=["ollama", "openai"])
 
 

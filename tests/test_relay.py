@@ -16,7 +16,7 @@ from tests.inproc import MODEL, Stack, StackFactory, read_lines, read_ndjson
 
 CODER = "qwen2.5-coder:7b"
 # Small first-byte and whole-answer deadlines, so a hung backend costs a fraction of a second.
-QUICK_DEADLINES = 'first_byte_timeout = "0.2s"\nanswer_timeout = "0.2s"\n'
+QUICK_DEADLINES = 'first_byte_timeout = "0.1s"\nanswer_timeout = "0.1s"\n'
 
 
 # --- before the first byte: the next backend serves ------------------------------------
@@ -85,6 +85,21 @@ async def test_a_busy_backend_spills_to_the_next(stack: Stack) -> None:
     assert [r.status for r in stack.gpu.requests("/api/chat")] == [503]
 
 
+async def test_a_backend_that_refuses_connections_is_skipped_and_cools_down(
+    stack: Stack,
+) -> None:
+    await stack.gpu.test_server.close()  # the port now refuses connections
+    response = await stack.chat(stream=False)
+    assert response.status == 200
+    assert response.headers["X-Harbor-Backend"] == "cpu"
+    assert response.headers["X-Harbor-Fallbacks"] == "gpu=network"
+    gpu = await stack.backend("gpu")
+    assert (gpu["health"], gpu["cooldown"]) == ("down", True)
+    route = await stack.get_json(f"/harbor/route?model={MODEL}")
+    assert [step["backend"] for step in route["steps"]] == ["cpu"]
+    assert [step["backend"] for step in route["excluded"]] == ["gpu"]
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_hung_backend_loses_the_request_at_its_first_byte_deadline(
     make_stack: StackFactory, stream: bool
@@ -104,7 +119,7 @@ async def test_a_hung_backend_loses_the_request_at_its_first_byte_deadline(
     decision = stack.harbor.decisions[response.headers["X-Harbor-Request-Id"]]
     failed = decision.attempts[0]
     assert (failed.backend, failed.outcome, failed.error_class) == ("gpu", "failed", "network")
-    assert "within 0.2s" in (failed.error or "")
+    assert "within 0.1s" in (failed.error or "")
 
 
 # --- after the first byte: the stream ends with an error, no retry -----------------------
@@ -157,6 +172,17 @@ async def test_a_backend_dying_mid_stream_gets_harbords_own_error_ending(
     ]
     path = "/v1/chat/completions" if openai else "/api/chat"
     assert stack.cpu.requests(path) == []
+
+
+async def test_a_stream_that_goes_quiet_ends_with_an_error_line(make_stack: StackFactory) -> None:
+    stack = await make_stack({"gpu": 'idle_timeout = "0.1s"', "cpu": ""})
+    stack.gpu.set_faults({"token_delay": 1.0})
+    response = await stack.chat(stream=True)
+    lines = await read_ndjson(response)
+    assert lines[0]["message"]["content"] == "[gpu] "
+    assert lines[-1] == {"error": "gpu sent nothing for 0.1s"}
+    assert len(lines) == 2
+    assert stack.cpu.requests("/api/chat") == []
 
 
 # --- the client goes away ----------------------------------------------------------------
@@ -281,3 +307,21 @@ async def test_a_hung_backend_goes_down_moves_back_in_the_plan_and_returns(
     await stack.wait_for(gpu_up, "the prober to see the gpu back")
     route = await stack.get_json(f"/harbor/route?model={MODEL}")
     assert route["steps"][0]["backend"] == "gpu"
+
+
+async def test_requests_waiting_on_a_backend_the_prober_finds_hung_move_on(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(routing=QUICK_PROBES)  # first-byte deadline: the default 600s
+    stack.gpu.set_faults({"hang": True})
+    response = await stack.chat(stream=True)
+    assert response.status == 200
+    assert response.headers["X-Harbor-Backend"] == "cpu"
+    assert response.headers["X-Harbor-Fallbacks"] == "gpu=network"
+    decision = stack.harbor.decisions[response.headers["X-Harbor-Request-Id"]]
+    assert "gpu is hung" in (decision.attempts[0].error or "")
+
+    async def gpu_request_cancelled() -> bool:
+        return stack.gpu.states() == ["cancelled"]
+
+    await stack.wait_for(gpu_request_cancelled, "the gpu to see its request cut off")
