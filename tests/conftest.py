@@ -1,0 +1,47 @@
+"""Fixtures for the in-process tests of harbord (tests/inproc.py has the helpers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.inproc import (
+    ClientFactory,
+    ServerFactory,
+    Stack,
+    StackFactory,
+    assert_no_tasks_left,
+    start_stack,
+)
+
+
+@pytest.fixture
+async def make_stack(
+    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory, tmp_path: Path
+) -> AsyncIterator[StackFactory]:
+    """make_stack(backends=None, **options): a started `Stack` (see inproc.start_stack).
+
+    Every stack is closed after the test, and then no task may be left running.
+    """
+    stacks: list[Stack] = []
+
+    async def make(backends: dict[str, str] | None = None, **options: Any) -> Stack:
+        workdir = tmp_path / f"harbor{len(stacks)}"
+        stack = await start_stack(aiohttp_server, aiohttp_client, workdir, backends, **options)
+        stacks.append(stack)
+        return stack
+
+    yield make
+
+    for stack in stacks:
+        await stack.close()
+    await assert_no_tasks_left()
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory) -> Stack:
+    """A gpu and a cpu fake behind a harbor with default backend settings."""
+    return await make_stack()
