@@ -21,18 +21,30 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
-from urllib.parse import quote
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import httpx
 import msgspec
 
+from harbord import harbor_endpoints as api
 from harbord.config import default_socket
-from harbord.schemas import CheckEntry, Intent, Inventory, Pin, PinRequest, Plan, Status
+from harbord.harbor_endpoints import Endpoint, Param
+from harbord.schemas import (
+    CheckEntry,
+    Decision,
+    Intent,
+    Inventory,
+    Pin,
+    PinRequest,
+    Plan,
+    Status,
+)
 
 BASE_URL = "http://harbor"
 CONNECT_TIMEOUT = 5.0
 T = TypeVar("T")
+A = TypeVar("A")  # an endpoint's answer type
+B = TypeVar("B")  # an endpoint's body type
 Chunk = dict[str, Any]
 Message = Mapping[str, Any]
 Tools = Sequence[Mapping[str, Any]] | None
@@ -80,18 +92,23 @@ def socket_path(socket: str | Path | None = None) -> Path:
     return Path(socket) if socket is not None else default_socket(os.environ)
 
 
-def quote_path(value: str) -> str:
-    """A model name or id as one path segment: ':', '/' and '%' are escaped."""
-    return quote(value, safe="")
-
-
 def decode(content: bytes, tp: type[T]) -> T:
     try:
         return msgspec.json.decode(content, type=tp)
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise HarborError(
-            None, f"unexpected answer from harbord ({err}); versions differ?"
-        ) from None
+        raise _unexpected(err) from None
+
+
+def _unexpected(err: Exception) -> HarborError:
+    return HarborError(None, f"unexpected answer from harbord ({err}); versions differ?")
+
+
+@dataclass(frozen=True)
+class Reply(Generic[A]):
+    """An answer from one of harbord's endpoints: the bytes and what they decode to."""
+
+    raw: bytes  # harbord's answer as it came (JSON, or the text of /metrics)
+    value: A  # decoded with the endpoint's answer type
 
 
 def _error_text(value: object) -> str | None:
@@ -141,31 +158,55 @@ def _errors(socket: Path) -> Iterator[None]:
         ) from None
 
 
-def _chat_request(
-    model: str,
-    messages: Sequence[Message],
-    tools: Tools,
+# --- what both clients share: building requests, reading answers ----------------------
+
+
+def _endpoint_request(
+    http: httpx.Client | httpx.AsyncClient,
+    endpoint: Endpoint[B, A],
+    body: B | None,
+    params: Mapping[str, Param],
+) -> httpx.Request:
+    if (body is None) != (endpoint.body is None):
+        needs = "needs a body" if body is None else "takes no body"
+        raise TypeError(f"{endpoint.name} {needs}")
+    path, query = endpoint.target(params)
+    if body is None:
+        return http.build_request(endpoint.method, path, params=query)
+    content = endpoint.encode_body(body)
+    headers = {"Content-Type": "application/json"}
+    return http.build_request(endpoint.method, path, params=query, content=content, headers=headers)
+
+
+def _reply(endpoint: Endpoint[Any, A], resp: httpx.Response) -> Reply[A]:
+    raw = _checked(resp).content
+    try:
+        return Reply(raw, endpoint.decode_answer(raw))
+    except msgspec.DecodeError as err:  # ValidationError is one
+        raise _unexpected(err) from None
+
+
+def _ollama_request(
+    http: httpx.Client | httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
     intent: Intent | None,
-    stream: bool,
     backend: str | None,
-    fields: Mapping[str, Any],
+) -> httpx.Request:
+    """A request to one of Ollama's endpoints, with harbord's routing headers."""
+    headers: dict[str, str] = {"X-Harbor-Intent": intent} if intent else {}
+    if backend:
+        headers["X-Harbor-Backend"] = backend
+    return http.build_request("POST", path, json=body, headers=headers)
+
+
+def _chat_body(
+    model: str, messages: Sequence[Message], tools: Tools, stream: bool, fields: Mapping[str, Any]
 ) -> dict[str, Any]:
     body = {"model": model, "messages": list(messages), "stream": stream, **fields}
     if tools is not None:
         body["tools"] = list(tools)
-    headers: dict[str, str] = {"X-Harbor-Intent": intent} if intent else {}
-    if backend:
-        headers["X-Harbor-Backend"] = backend
-    return {"json": body, "headers": headers}
-
-
-def _route_params(model: str, intent: Intent | None) -> dict[str, str]:
-    return {"model": model, "intent": intent} if intent else {"model": model}
-
-
-def _pin(model: str, backend: str, for_seconds: float | None, reason: str) -> dict[str, Any]:
-    body = msgspec.to_builtins(PinRequest(backend, for_seconds, reason))
-    return {"method": "PUT", "path": f"/harbor/pins/{quote_path(model)}", "json": body}
+    return body
 
 
 def _first(plan: Plan) -> str | None:
@@ -183,6 +224,11 @@ class _Base:
     def last_backend(self) -> str | None:
         """The backend that served (or, on an error answer, last failed) the latest chat."""
         return self.last.backend if self.last else None
+
+    def _served(self, resp: httpx.Response) -> httpx.Response:
+        """Notes who served a routed request, then raises for an error answer."""
+        self.last = Served.from_headers(resp.headers)
+        return _checked(resp)
 
 
 class HarborClient(_Base):
@@ -202,9 +248,9 @@ class HarborClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, path: str, stream: bool = False, **kw: Any) -> httpx.Response:
+    def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
         with _errors(self.socket):
-            resp = self._http.send(self._http.build_request(method, path, **kw), stream=stream)
+            resp = self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
                     resp.read()
@@ -215,45 +261,61 @@ class HarborClient(_Base):
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request (`kw` as for httpx: params, json, headers); an error answer raises
         HarborError, no answer HarborUnavailable."""
-        return _checked(self._send(method, path, **kw))
+        return _checked(self._send(self._http.build_request(method, path, **kw)))
 
-    def _get(self, path: str, tp: type[T], **params: str) -> T:
-        return decode(self.request("GET", path, params=params).content, tp)
+    def fetch(
+        self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
+    ) -> Reply[A]:
+        """One of harbord's endpoints (harbor_endpoints), its path and query parameters as
+        keywords: the answer as it came and decoded."""
+        return _reply(endpoint, self._send(_endpoint_request(self._http, endpoint, body, params)))
+
+    def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
+        """fetch(), the decoded answer only."""
+        return self.fetch(endpoint, body, **params).value
 
     def status(self) -> Status:
-        return self._get("/harbor/status", Status)
+        return self.call(api.STATUS)
 
     def check(self) -> dict[str, CheckEntry]:
-        return self._get("/harbor/check", dict[str, CheckEntry])
+        return self.call(api.CHECK)
 
     def models(self) -> Inventory:
-        return self._get("/harbor/models", Inventory)
+        return self.call(api.MODELS)
 
     def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return self._get("/harbor/route", Plan, **_route_params(model, intent))
+        return self.call(api.ROUTE, model=model, intent=intent)
 
     def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(self.route(model, intent))
 
     def pins(self) -> dict[str, Pin]:
-        return self._get("/harbor/pins", dict[str, Pin])
+        return self.call(api.PINS)
 
     def pin(self, model: str, backend: str, for_seconds: float | None = None,
             reason: str = "pinned by operator") -> dict[str, Pin]:  # fmt: skip
         """Returns {normalised model name: the pin}."""
-        return decode(
-            self.request(**_pin(model, backend, for_seconds, reason)).content, dict[str, Pin]
-        )
+        return self.call(api.PIN, PinRequest(backend, for_seconds, reason), model=model)
 
     def unpin(self, model: str) -> str:
         """Returns the normalised model name; HarborError (404) when it was not pinned."""
-        resp = self.request("DELETE", f"/harbor/pins/{quote_path(model)}")
-        return decode(resp.content, dict[str, str])["unpinned"]
+        return self.call(api.UNPIN, model=model).unpinned
 
     def restart(self, backend: str) -> str:
         """Restarts the backend's unit; harbord's message, or HarborError (409, 501)."""
-        resp = self.request("POST", f"/harbor/backends/{quote_path(backend)}/restart")
-        return str(decode(resp.content, dict[str, Any]).get("message", "restarted"))
+        return self.call(api.RESTART, name=backend).message
+
+    def decisions(self, limit: int = 20) -> list[Decision]:
+        """The latest routing decisions, newest first."""
+        return self.call(api.DECISIONS, limit=limit)
+
+    def decision(self, request_id: str) -> Decision:
+        """How one recent request was routed; HarborError (404) once it is forgotten."""
+        return self.call(api.DECISION, id=request_id)
+
+    def metrics(self) -> str:
+        """harbord's Prometheus metrics, in the text format."""
+        return self.call(api.METRICS)
 
     @overload
     def chat(self, model: str, messages: Sequence[Message], *, tools: Tools = None,
@@ -267,11 +329,20 @@ class HarborClient(_Base):
              intent: Intent | None = None, stream: bool = False,
              backend: str | None = None, **fields: Any) -> Chunk | Iterator[Chunk]:  # fmt: skip
         """POST /api/chat. stream=True: the chunks, each as soon as its line arrives."""
-        kw = _chat_request(model, messages, tools, intent, stream, backend, fields)
-        resp = self._send("POST", "/api/chat", stream, **kw)
-        self.last = Served.from_headers(resp.headers)
-        _checked(resp)
+        body = _chat_body(model, messages, tools, stream, fields)
+        resp = self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
+
+    def pull(self, model: str, *, backend: str | None = None) -> Iterator[Chunk]:
+        """POST /api/pull through `backend` (harbord's choice by default): Ollama's progress
+        chunks as they come; `last` says which backend pulls before the first one."""
+        resp = self._post("/api/pull", {"model": model, "stream": True}, None, backend, True)
+        return self._chunks(resp)
+
+    def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
+              backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
+        request = _ollama_request(self._http, path, body, intent, backend)
+        return self._served(self._send(request, stream))
 
     def _chunks(self, resp: httpx.Response) -> Iterator[Chunk]:
         try:
@@ -300,11 +371,8 @@ class AsyncHarborClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(
-        self, method: str, path: str, stream: bool = False, **kw: Any
-    ) -> httpx.Response:
+    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
         with _errors(self.socket):
-            request = self._http.build_request(method, path, **kw)
             resp = await self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
@@ -314,41 +382,53 @@ class AsyncHarborClient(_Base):
         return resp
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return _checked(await self._send(method, path, **kw))
+        return _checked(await self._send(self._http.build_request(method, path, **kw)))
 
-    async def _get(self, path: str, tp: type[T], **params: str) -> T:
-        return decode((await self.request("GET", path, params=params)).content, tp)
+    async def fetch(
+        self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
+    ) -> Reply[A]:
+        request = _endpoint_request(self._http, endpoint, body, params)
+        return _reply(endpoint, await self._send(request))
+
+    async def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
+        return (await self.fetch(endpoint, body, **params)).value
 
     async def status(self) -> Status:
-        return await self._get("/harbor/status", Status)
+        return await self.call(api.STATUS)
 
     async def check(self) -> dict[str, CheckEntry]:
-        return await self._get("/harbor/check", dict[str, CheckEntry])
+        return await self.call(api.CHECK)
 
     async def models(self) -> Inventory:
-        return await self._get("/harbor/models", Inventory)
+        return await self.call(api.MODELS)
 
     async def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return await self._get("/harbor/route", Plan, **_route_params(model, intent))
+        return await self.call(api.ROUTE, model=model, intent=intent)
 
     async def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(await self.route(model, intent))
 
     async def pins(self) -> dict[str, Pin]:
-        return await self._get("/harbor/pins", dict[str, Pin])
+        return await self.call(api.PINS)
 
     async def pin(self, model: str, backend: str, for_seconds: float | None = None,
                   reason: str = "pinned by operator") -> dict[str, Pin]:  # fmt: skip
-        resp = await self.request(**_pin(model, backend, for_seconds, reason))
-        return decode(resp.content, dict[str, Pin])
+        return await self.call(api.PIN, PinRequest(backend, for_seconds, reason), model=model)
 
     async def unpin(self, model: str) -> str:
-        resp = await self.request("DELETE", f"/harbor/pins/{quote_path(model)}")
-        return decode(resp.content, dict[str, str])["unpinned"]
+        return (await self.call(api.UNPIN, model=model)).unpinned
 
     async def restart(self, backend: str) -> str:
-        resp = await self.request("POST", f"/harbor/backends/{quote_path(backend)}/restart")
-        return str(decode(resp.content, dict[str, Any]).get("message", "restarted"))
+        return (await self.call(api.RESTART, name=backend)).message
+
+    async def decisions(self, limit: int = 20) -> list[Decision]:
+        return await self.call(api.DECISIONS, limit=limit)
+
+    async def decision(self, request_id: str) -> Decision:
+        return await self.call(api.DECISION, id=request_id)
+
+    async def metrics(self) -> str:
+        return await self.call(api.METRICS)
 
     @overload
     async def chat(self, model: str, messages: Sequence[Message], *, tools: Tools = None,
@@ -363,11 +443,18 @@ class AsyncHarborClient(_Base):
                    intent: Intent | None = None, stream: bool = False, backend: str | None = None,
                    **fields: Any) -> Chunk | AsyncIterator[Chunk]:  # fmt: skip
         """POST /api/chat; an error before the first chunk raises here, at the await."""
-        kw = _chat_request(model, messages, tools, intent, stream, backend, fields)
-        resp = await self._send("POST", "/api/chat", stream, **kw)
-        self.last = Served.from_headers(resp.headers)
-        _checked(resp)
+        body = _chat_body(model, messages, tools, stream, fields)
+        resp = await self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
+
+    async def pull(self, model: str, *, backend: str | None = None) -> AsyncIterator[Chunk]:
+        resp = await self._post("/api/pull", {"model": model, "stream": True}, None, backend, True)
+        return self._chunks(resp)
+
+    async def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
+                    backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
+        request = _ollama_request(self._http, path, body, intent, backend)
+        return self._served(await self._send(request, stream))
 
     async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Chunk]:
         try:
