@@ -12,21 +12,41 @@ Answers keep Ollama's shape: which backend served a chat is not added to them bu
 in `client.last` (a `Served`: backend, fallbacks, request id), set as soon as the answer's
 headers arrive. Tasks that share one client overwrite it; give each task its own client
 when it needs to know.
+
+harbord's own endpoints are the table in harbord.harbor_endpoints: each has a method
+here (status, pins, route ...), and any entry can be called as `client.call(ENTRY,
+**params)` for its typed answer, or `client.fetch(...)` for the bytes as they came too.
+The two clients differ only in the transport call; the rest is in client_wire.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 import msgspec
 
 from harbord import harbor_endpoints as api
+from harbord.client_wire import (
+    Chunk,
+    HarborError,
+    HarborUnavailable,
+    Message,
+    Reply,
+    Served,
+    Tools,
+    chat_body,
+    checked,
+    decode,
+    endpoint_reply,
+    endpoint_request,
+    ollama_request,
+    parse_chunk,
+    transport_errors,
+)
 from harbord.config import default_socket
 from harbord.harbor_endpoints import Endpoint, Param
 from harbord.schemas import (
@@ -42,171 +62,32 @@ from harbord.schemas import (
 
 BASE_URL = "http://harbor"
 CONNECT_TIMEOUT = 5.0
-T = TypeVar("T")
 A = TypeVar("A")  # an endpoint's answer type
 B = TypeVar("B")  # an endpoint's body type
-Chunk = dict[str, Any]
-Message = Mapping[str, Any]
-Tools = Sequence[Mapping[str, Any]] | None
-
-
-class HarborError(Exception):
-    """harbord answered with an error. `status` is the HTTP status, or None when there was
-    none to give: no answer at all, or an `{"error"}` line in a stream that had started."""
-
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class HarborUnavailable(HarborError):
-    """Nothing answers on the socket: it is missing, refuses, or may not be opened."""
-
-    def __init__(self, socket: Path, reason: str) -> None:
-        super().__init__(None, f"cannot reach harbord at {socket}: {reason}")
-        self.socket = socket
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Served:
-    """Who served a routed request, from harbord's response headers."""
-
-    backend: str | None
-    fallbacks: tuple[str, ...]  # failed attempts before it, e.g. ("gpu=oom",)
-    request_id: str | None  # for `harborctl explain ID`
-
-    @classmethod
-    def from_headers(cls, headers: httpx.Headers) -> Served:
-        fallbacks = headers.get("X-Harbor-Fallbacks", "")
-        return cls(
-            headers.get("X-Harbor-Backend"),
-            tuple(f.strip() for f in fallbacks.split(",") if f.strip()),
-            headers.get("X-Harbor-Request-Id"),
-        )
+# What callers import from here, whichever module defines it.
+__all__ = [
+    "BASE_URL",
+    "CONNECT_TIMEOUT",
+    "AsyncHarborClient",
+    "Chunk",
+    "HarborClient",
+    "HarborError",
+    "HarborUnavailable",
+    "Message",
+    "Reply",
+    "Router",
+    "Served",
+    "Tools",
+    "decode",
+    "get_router",
+    "smart_chat",
+    "socket_path",
+]
 
 
 def socket_path(socket: str | Path | None = None) -> Path:
     """The given socket, else $HARBOR_SOCKET, else $XDG_RUNTIME_DIR/harbor.sock."""
     return Path(socket) if socket is not None else default_socket(os.environ)
-
-
-def decode(content: bytes, tp: type[T]) -> T:
-    try:
-        return msgspec.json.decode(content, type=tp)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise _unexpected(err) from None
-
-
-def _unexpected(err: Exception) -> HarborError:
-    return HarborError(None, f"unexpected answer from harbord ({err}); versions differ?")
-
-
-@dataclass(frozen=True)
-class Reply(Generic[A]):
-    """An answer from one of harbord's endpoints: the bytes and what they decode to."""
-
-    raw: bytes  # harbord's answer as it came (JSON, or the text of /metrics)
-    value: A  # decoded with the endpoint's answer type
-
-
-def _error_text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):  # OpenAI's error object, restart's answer
-        return _error_text(value.get("error")) or _error_text(value.get("message"))
-    return None
-
-
-def _checked(resp: httpx.Response) -> httpx.Response:
-    if resp.is_success:
-        return resp
-    try:
-        text = _error_text(msgspec.json.decode(resp.content))
-    except msgspec.DecodeError:
-        text = resp.text.strip()[:300]
-    raise HarborError(resp.status_code, text or f"HTTP {resp.status_code} {resp.reason_phrase}")
-
-
-def _chunk(line: str) -> Chunk | None:
-    if not line.strip():
-        return None
-    try:
-        chunk = msgspec.json.decode(line)
-    except msgspec.DecodeError:
-        raise HarborError(None, f"harbord sent a line that is not JSON: {line[:80]!r}") from None
-    if not isinstance(chunk, dict):
-        raise HarborError(None, f"harbord sent a line that is not an object: {line[:80]!r}")
-    if "error" in chunk:
-        raise HarborError(None, _error_text(chunk) or line[:300])
-    return chunk
-
-
-@contextmanager
-def _errors(socket: Path) -> Iterator[None]:
-    """httpx's transport errors as HarborUnavailable / HarborError."""
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-        raise HarborUnavailable(socket, str(err) or type(err).__name__) from None
-    except httpx.TimeoutException:
-        raise HarborError(None, "harbord did not answer in time (see --timeout)") from None
-    except httpx.TransportError as err:
-        raise HarborError(
-            None, f"connection to harbord broke: {err or type(err).__name__}"
-        ) from None
-
-
-# --- what both clients share: building requests, reading answers ----------------------
-
-
-def _endpoint_request(
-    http: httpx.Client | httpx.AsyncClient,
-    endpoint: Endpoint[B, A],
-    body: B | None,
-    params: Mapping[str, Param],
-) -> httpx.Request:
-    if (body is None) != (endpoint.body is None):
-        needs = "needs a body" if body is None else "takes no body"
-        raise TypeError(f"{endpoint.name} {needs}")
-    path, query = endpoint.target(params)
-    if body is None:
-        return http.build_request(endpoint.method, path, params=query)
-    content = endpoint.encode_body(body)
-    headers = {"Content-Type": "application/json"}
-    return http.build_request(endpoint.method, path, params=query, content=content, headers=headers)
-
-
-def _reply(endpoint: Endpoint[Any, A], resp: httpx.Response) -> Reply[A]:
-    raw = _checked(resp).content
-    try:
-        return Reply(raw, endpoint.decode_answer(raw))
-    except msgspec.DecodeError as err:  # ValidationError is one
-        raise _unexpected(err) from None
-
-
-def _ollama_request(
-    http: httpx.Client | httpx.AsyncClient,
-    path: str,
-    body: dict[str, Any],
-    intent: Intent | None,
-    backend: str | None,
-) -> httpx.Request:
-    """A request to one of Ollama's endpoints, with harbord's routing headers."""
-    headers: dict[str, str] = {"X-Harbor-Intent": intent} if intent else {}
-    if backend:
-        headers["X-Harbor-Backend"] = backend
-    return http.build_request("POST", path, json=body, headers=headers)
-
-
-def _chat_body(
-    model: str, messages: Sequence[Message], tools: Tools, stream: bool, fields: Mapping[str, Any]
-) -> dict[str, Any]:
-    body = {"model": model, "messages": list(messages), "stream": stream, **fields}
-    if tools is not None:
-        body["tools"] = list(tools)
-    return body
 
 
 def _first(plan: Plan) -> str | None:
@@ -228,7 +109,7 @@ class _Base:
     def _served(self, resp: httpx.Response) -> httpx.Response:
         """Notes who served a routed request, then raises for an error answer."""
         self.last = Served.from_headers(resp.headers)
-        return _checked(resp)
+        return checked(resp)
 
 
 class HarborClient(_Base):
@@ -249,7 +130,7 @@ class HarborClient(_Base):
         self._http.close()
 
     def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
-        with _errors(self.socket):
+        with transport_errors(self.socket):
             resp = self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
@@ -261,14 +142,16 @@ class HarborClient(_Base):
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request (`kw` as for httpx: params, json, headers); an error answer raises
         HarborError, no answer HarborUnavailable."""
-        return _checked(self._send(self._http.build_request(method, path, **kw)))
+        return checked(self._send(self._http.build_request(method, path, **kw)))
 
     def fetch(
         self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
     ) -> Reply[A]:
         """One of harbord's endpoints (harbor_endpoints), its path and query parameters as
         keywords: the answer as it came and decoded."""
-        return _reply(endpoint, self._send(_endpoint_request(self._http, endpoint, body, params)))
+        return endpoint_reply(
+            endpoint, self._send(endpoint_request(self._http, endpoint, body, params))
+        )
 
     def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
         """fetch(), the decoded answer only."""
@@ -329,7 +212,7 @@ class HarborClient(_Base):
              intent: Intent | None = None, stream: bool = False,
              backend: str | None = None, **fields: Any) -> Chunk | Iterator[Chunk]:  # fmt: skip
         """POST /api/chat. stream=True: the chunks, each as soon as its line arrives."""
-        body = _chat_body(model, messages, tools, stream, fields)
+        body = chat_body(model, messages, tools, stream, fields)
         resp = self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
 
@@ -341,14 +224,14 @@ class HarborClient(_Base):
 
     def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
               backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
-        request = _ollama_request(self._http, path, body, intent, backend)
+        request = ollama_request(self._http, path, body, intent, backend)
         return self._served(self._send(request, stream))
 
     def _chunks(self, resp: httpx.Response) -> Iterator[Chunk]:
         try:
-            with _errors(self.socket):
+            with transport_errors(self.socket):
                 for line in resp.iter_lines():
-                    if (chunk := _chunk(line)) is not None:
+                    if (chunk := parse_chunk(line)) is not None:
                         yield chunk
         finally:
             resp.close()
@@ -372,7 +255,7 @@ class AsyncHarborClient(_Base):
         await self._http.aclose()
 
     async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
-        with _errors(self.socket):
+        with transport_errors(self.socket):
             resp = await self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
@@ -382,13 +265,13 @@ class AsyncHarborClient(_Base):
         return resp
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return _checked(await self._send(self._http.build_request(method, path, **kw)))
+        return checked(await self._send(self._http.build_request(method, path, **kw)))
 
     async def fetch(
         self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
     ) -> Reply[A]:
-        request = _endpoint_request(self._http, endpoint, body, params)
-        return _reply(endpoint, await self._send(request))
+        request = endpoint_request(self._http, endpoint, body, params)
+        return endpoint_reply(endpoint, await self._send(request))
 
     async def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
         return (await self.fetch(endpoint, body, **params)).value
@@ -443,7 +326,7 @@ class AsyncHarborClient(_Base):
                    intent: Intent | None = None, stream: bool = False, backend: str | None = None,
                    **fields: Any) -> Chunk | AsyncIterator[Chunk]:  # fmt: skip
         """POST /api/chat; an error before the first chunk raises here, at the await."""
-        body = _chat_body(model, messages, tools, stream, fields)
+        body = chat_body(model, messages, tools, stream, fields)
         resp = await self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
 
@@ -453,14 +336,14 @@ class AsyncHarborClient(_Base):
 
     async def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
                     backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
-        request = _ollama_request(self._http, path, body, intent, backend)
+        request = ollama_request(self._http, path, body, intent, backend)
         return self._served(await self._send(request, stream))
 
     async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Chunk]:
         try:
-            with _errors(self.socket):
+            with transport_errors(self.socket):
                 async for line in resp.aiter_lines():
-                    if (chunk := _chunk(line)) is not None:
+                    if (chunk := parse_chunk(line)) is not None:
                         yield chunk
         finally:
             await resp.aclose()
