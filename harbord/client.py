@@ -12,160 +12,82 @@ Answers keep Ollama's shape: which backend served a chat is not added to them bu
 in `client.last` (a `Served`: backend, fallbacks, request id), set as soon as the answer's
 headers arrive. Tasks that share one client overwrite it; give each task its own client
 when it needs to know.
+
+harbord's own endpoints are the table in harbord.harbor_endpoints: each has a method
+here (status, pins, route ...), and any entry can be called as `client.call(ENTRY,
+**params)` for its typed answer, or `client.fetch(...)` for the bytes as they came too.
+The two clients differ only in the transport call; the rest is in client_wire.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
-from urllib.parse import quote
 
 import httpx
 import msgspec
 
+from harbord import harbor_endpoints as api
+from harbord.client_wire import (
+    Chunk,
+    HarborError,
+    HarborUnavailable,
+    Message,
+    Reply,
+    Served,
+    Tools,
+    chat_body,
+    checked,
+    decode,
+    endpoint_reply,
+    endpoint_request,
+    ollama_request,
+    parse_chunk,
+    transport_errors,
+)
 from harbord.config import default_socket
-from harbord.schemas import CheckEntry, Intent, Inventory, Pin, PinRequest, Plan, Status
+from harbord.harbor_endpoints import Endpoint, Param
+from harbord.schemas import (
+    CheckEntry,
+    Decision,
+    Intent,
+    Inventory,
+    Pin,
+    PinRequest,
+    Plan,
+    Status,
+)
 
 BASE_URL = "http://harbor"
 CONNECT_TIMEOUT = 5.0
-T = TypeVar("T")
-Chunk = dict[str, Any]
-Message = Mapping[str, Any]
-Tools = Sequence[Mapping[str, Any]] | None
-
-
-class HarborError(Exception):
-    """harbord answered with an error. `status` is the HTTP status, or None when there was
-    none to give: no answer at all, or an `{"error"}` line in a stream that had started."""
-
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class HarborUnavailable(HarborError):
-    """Nothing answers on the socket: it is missing, refuses, or may not be opened."""
-
-    def __init__(self, socket: Path, reason: str) -> None:
-        super().__init__(None, f"cannot reach harbord at {socket}: {reason}")
-        self.socket = socket
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Served:
-    """Who served a routed request, from harbord's response headers."""
-
-    backend: str | None
-    fallbacks: tuple[str, ...]  # failed attempts before it, e.g. ("gpu=oom",)
-    request_id: str | None  # for `harborctl explain ID`
-
-    @classmethod
-    def from_headers(cls, headers: httpx.Headers) -> Served:
-        fallbacks = headers.get("X-Harbor-Fallbacks", "")
-        return cls(
-            headers.get("X-Harbor-Backend"),
-            tuple(f.strip() for f in fallbacks.split(",") if f.strip()),
-            headers.get("X-Harbor-Request-Id"),
-        )
+A = TypeVar("A")  # an endpoint's answer type
+B = TypeVar("B")  # an endpoint's body type
+# What callers import from here, whichever module defines it.
+__all__ = [
+    "BASE_URL",
+    "CONNECT_TIMEOUT",
+    "AsyncHarborClient",
+    "Chunk",
+    "HarborClient",
+    "HarborError",
+    "HarborUnavailable",
+    "Message",
+    "Reply",
+    "Router",
+    "Served",
+    "Tools",
+    "decode",
+    "get_router",
+    "smart_chat",
+    "socket_path",
+]
 
 
 def socket_path(socket: str | Path | None = None) -> Path:
     """The given socket, else $HARBOR_SOCKET, else $XDG_RUNTIME_DIR/harbor.sock."""
     return Path(socket) if socket is not None else default_socket(os.environ)
-
-
-def quote_path(value: str) -> str:
-    """A model name or id as one path segment: ':', '/' and '%' are escaped."""
-    return quote(value, safe="")
-
-
-def decode(content: bytes, tp: type[T]) -> T:
-    try:
-        return msgspec.json.decode(content, type=tp)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise HarborError(
-            None, f"unexpected answer from harbord ({err}); versions differ?"
-        ) from None
-
-
-def _error_text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):  # OpenAI's error object, restart's answer
-        return _error_text(value.get("error")) or _error_text(value.get("message"))
-    return None
-
-
-def _checked(resp: httpx.Response) -> httpx.Response:
-    if resp.is_success:
-        return resp
-    try:
-        text = _error_text(msgspec.json.decode(resp.content))
-    except msgspec.DecodeError:
-        text = resp.text.strip()[:300]
-    raise HarborError(resp.status_code, text or f"HTTP {resp.status_code} {resp.reason_phrase}")
-
-
-def _chunk(line: str) -> Chunk | None:
-    if not line.strip():
-        return None
-    try:
-        chunk = msgspec.json.decode(line)
-    except msgspec.DecodeError:
-        raise HarborError(None, f"harbord sent a line that is not JSON: {line[:80]!r}") from None
-    if not isinstance(chunk, dict):
-        raise HarborError(None, f"harbord sent a line that is not an object: {line[:80]!r}")
-    if "error" in chunk:
-        raise HarborError(None, _error_text(chunk) or line[:300])
-    return chunk
-
-
-@contextmanager
-def _errors(socket: Path) -> Iterator[None]:
-    """httpx's transport errors as HarborUnavailable / HarborError."""
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-        raise HarborUnavailable(socket, str(err) or type(err).__name__) from None
-    except httpx.TimeoutException:
-        raise HarborError(None, "harbord did not answer in time (see --timeout)") from None
-    except httpx.TransportError as err:
-        raise HarborError(
-            None, f"connection to harbord broke: {err or type(err).__name__}"
-        ) from None
-
-
-def _chat_request(
-    model: str,
-    messages: Sequence[Message],
-    tools: Tools,
-    intent: Intent | None,
-    stream: bool,
-    backend: str | None,
-    fields: Mapping[str, Any],
-) -> dict[str, Any]:
-    body = {"model": model, "messages": list(messages), "stream": stream, **fields}
-    if tools is not None:
-        body["tools"] = list(tools)
-    headers: dict[str, str] = {"X-Harbor-Intent": intent} if intent else {}
-    if backend:
-        headers["X-Harbor-Backend"] = backend
-    return {"json": body, "headers": headers}
-
-
-def _route_params(model: str, intent: Intent | None) -> dict[str, str]:
-    return {"model": model, "intent": intent} if intent else {"model": model}
-
-
-def _pin(model: str, backend: str, for_seconds: float | None, reason: str) -> dict[str, Any]:
-    body = msgspec.to_builtins(PinRequest(backend, for_seconds, reason))
-    return {"method": "PUT", "path": f"/harbor/pins/{quote_path(model)}", "json": body}
 
 
 def _first(plan: Plan) -> str | None:
@@ -183,6 +105,11 @@ class _Base:
     def last_backend(self) -> str | None:
         """The backend that served (or, on an error answer, last failed) the latest chat."""
         return self.last.backend if self.last else None
+
+    def _served(self, resp: httpx.Response) -> httpx.Response:
+        """Notes who served a routed request, then raises for an error answer."""
+        self.last = Served.from_headers(resp.headers)
+        return checked(resp)
 
 
 class HarborClient(_Base):
@@ -202,9 +129,9 @@ class HarborClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, path: str, stream: bool = False, **kw: Any) -> httpx.Response:
-        with _errors(self.socket):
-            resp = self._http.send(self._http.build_request(method, path, **kw), stream=stream)
+    def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        with transport_errors(self.socket):
+            resp = self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
                     resp.read()
@@ -215,45 +142,63 @@ class HarborClient(_Base):
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request (`kw` as for httpx: params, json, headers); an error answer raises
         HarborError, no answer HarborUnavailable."""
-        return _checked(self._send(method, path, **kw))
+        return checked(self._send(self._http.build_request(method, path, **kw)))
 
-    def _get(self, path: str, tp: type[T], **params: str) -> T:
-        return decode(self.request("GET", path, params=params).content, tp)
+    def fetch(
+        self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
+    ) -> Reply[A]:
+        """One of harbord's endpoints (harbor_endpoints), its path and query parameters as
+        keywords: the answer as it came and decoded."""
+        return endpoint_reply(
+            endpoint, self._send(endpoint_request(self._http, endpoint, body, params))
+        )
+
+    def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
+        """fetch(), the decoded answer only."""
+        return self.fetch(endpoint, body, **params).value
 
     def status(self) -> Status:
-        return self._get("/harbor/status", Status)
+        return self.call(api.STATUS)
 
     def check(self) -> dict[str, CheckEntry]:
-        return self._get("/harbor/check", dict[str, CheckEntry])
+        return self.call(api.CHECK)
 
     def models(self) -> Inventory:
-        return self._get("/harbor/models", Inventory)
+        return self.call(api.MODELS)
 
     def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return self._get("/harbor/route", Plan, **_route_params(model, intent))
+        return self.call(api.ROUTE, model=model, intent=intent)
 
     def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(self.route(model, intent))
 
     def pins(self) -> dict[str, Pin]:
-        return self._get("/harbor/pins", dict[str, Pin])
+        return self.call(api.PINS)
 
     def pin(self, model: str, backend: str, for_seconds: float | None = None,
             reason: str = "pinned by operator") -> dict[str, Pin]:  # fmt: skip
         """Returns {normalised model name: the pin}."""
-        return decode(
-            self.request(**_pin(model, backend, for_seconds, reason)).content, dict[str, Pin]
-        )
+        return self.call(api.PIN, PinRequest(backend, for_seconds, reason), model=model)
 
     def unpin(self, model: str) -> str:
         """Returns the normalised model name; HarborError (404) when it was not pinned."""
-        resp = self.request("DELETE", f"/harbor/pins/{quote_path(model)}")
-        return decode(resp.content, dict[str, str])["unpinned"]
+        return self.call(api.UNPIN, model=model).unpinned
 
     def restart(self, backend: str) -> str:
         """Restarts the backend's unit; harbord's message, or HarborError (409, 501)."""
-        resp = self.request("POST", f"/harbor/backends/{quote_path(backend)}/restart")
-        return str(decode(resp.content, dict[str, Any]).get("message", "restarted"))
+        return self.call(api.RESTART, name=backend).message
+
+    def decisions(self, limit: int = 20) -> list[Decision]:
+        """The latest routing decisions, newest first."""
+        return self.call(api.DECISIONS, limit=limit)
+
+    def decision(self, request_id: str) -> Decision:
+        """How one recent request was routed; HarborError (404) once it is forgotten."""
+        return self.call(api.DECISION, id=request_id)
+
+    def metrics(self) -> str:
+        """harbord's Prometheus metrics, in the text format."""
+        return self.call(api.METRICS)
 
     @overload
     def chat(self, model: str, messages: Sequence[Message], *, tools: Tools = None,
@@ -267,17 +212,26 @@ class HarborClient(_Base):
              intent: Intent | None = None, stream: bool = False,
              backend: str | None = None, **fields: Any) -> Chunk | Iterator[Chunk]:  # fmt: skip
         """POST /api/chat. stream=True: the chunks, each as soon as its line arrives."""
-        kw = _chat_request(model, messages, tools, intent, stream, backend, fields)
-        resp = self._send("POST", "/api/chat", stream, **kw)
-        self.last = Served.from_headers(resp.headers)
-        _checked(resp)
+        body = chat_body(model, messages, tools, stream, fields)
+        resp = self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
+
+    def pull(self, model: str, *, backend: str | None = None) -> Iterator[Chunk]:
+        """POST /api/pull through `backend` (harbord's choice by default): Ollama's progress
+        chunks as they come; `last` says which backend pulls before the first one."""
+        resp = self._post("/api/pull", {"model": model, "stream": True}, None, backend, True)
+        return self._chunks(resp)
+
+    def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
+              backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
+        request = ollama_request(self._http, path, body, intent, backend)
+        return self._served(self._send(request, stream))
 
     def _chunks(self, resp: httpx.Response) -> Iterator[Chunk]:
         try:
-            with _errors(self.socket):
+            with transport_errors(self.socket):
                 for line in resp.iter_lines():
-                    if (chunk := _chunk(line)) is not None:
+                    if (chunk := parse_chunk(line)) is not None:
                         yield chunk
         finally:
             resp.close()
@@ -300,11 +254,8 @@ class AsyncHarborClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(
-        self, method: str, path: str, stream: bool = False, **kw: Any
-    ) -> httpx.Response:
-        with _errors(self.socket):
-            request = self._http.build_request(method, path, **kw)
+    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        with transport_errors(self.socket):
             resp = await self._http.send(request, stream=stream)
             if stream and resp.is_error:
                 try:
@@ -314,41 +265,53 @@ class AsyncHarborClient(_Base):
         return resp
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return _checked(await self._send(method, path, **kw))
+        return checked(await self._send(self._http.build_request(method, path, **kw)))
 
-    async def _get(self, path: str, tp: type[T], **params: str) -> T:
-        return decode((await self.request("GET", path, params=params)).content, tp)
+    async def fetch(
+        self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param
+    ) -> Reply[A]:
+        request = endpoint_request(self._http, endpoint, body, params)
+        return endpoint_reply(endpoint, await self._send(request))
+
+    async def call(self, endpoint: Endpoint[B, A], /, body: B | None = None, **params: Param) -> A:
+        return (await self.fetch(endpoint, body, **params)).value
 
     async def status(self) -> Status:
-        return await self._get("/harbor/status", Status)
+        return await self.call(api.STATUS)
 
     async def check(self) -> dict[str, CheckEntry]:
-        return await self._get("/harbor/check", dict[str, CheckEntry])
+        return await self.call(api.CHECK)
 
     async def models(self) -> Inventory:
-        return await self._get("/harbor/models", Inventory)
+        return await self.call(api.MODELS)
 
     async def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return await self._get("/harbor/route", Plan, **_route_params(model, intent))
+        return await self.call(api.ROUTE, model=model, intent=intent)
 
     async def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(await self.route(model, intent))
 
     async def pins(self) -> dict[str, Pin]:
-        return await self._get("/harbor/pins", dict[str, Pin])
+        return await self.call(api.PINS)
 
     async def pin(self, model: str, backend: str, for_seconds: float | None = None,
                   reason: str = "pinned by operator") -> dict[str, Pin]:  # fmt: skip
-        resp = await self.request(**_pin(model, backend, for_seconds, reason))
-        return decode(resp.content, dict[str, Pin])
+        return await self.call(api.PIN, PinRequest(backend, for_seconds, reason), model=model)
 
     async def unpin(self, model: str) -> str:
-        resp = await self.request("DELETE", f"/harbor/pins/{quote_path(model)}")
-        return decode(resp.content, dict[str, str])["unpinned"]
+        return (await self.call(api.UNPIN, model=model)).unpinned
 
     async def restart(self, backend: str) -> str:
-        resp = await self.request("POST", f"/harbor/backends/{quote_path(backend)}/restart")
-        return str(decode(resp.content, dict[str, Any]).get("message", "restarted"))
+        return (await self.call(api.RESTART, name=backend)).message
+
+    async def decisions(self, limit: int = 20) -> list[Decision]:
+        return await self.call(api.DECISIONS, limit=limit)
+
+    async def decision(self, request_id: str) -> Decision:
+        return await self.call(api.DECISION, id=request_id)
+
+    async def metrics(self) -> str:
+        return await self.call(api.METRICS)
 
     @overload
     async def chat(self, model: str, messages: Sequence[Message], *, tools: Tools = None,
@@ -363,17 +326,24 @@ class AsyncHarborClient(_Base):
                    intent: Intent | None = None, stream: bool = False, backend: str | None = None,
                    **fields: Any) -> Chunk | AsyncIterator[Chunk]:  # fmt: skip
         """POST /api/chat; an error before the first chunk raises here, at the await."""
-        kw = _chat_request(model, messages, tools, intent, stream, backend, fields)
-        resp = await self._send("POST", "/api/chat", stream, **kw)
-        self.last = Served.from_headers(resp.headers)
-        _checked(resp)
+        body = chat_body(model, messages, tools, stream, fields)
+        resp = await self._post("/api/chat", body, intent, backend, stream)
         return self._chunks(resp) if stream else decode(resp.content, dict[str, Any])
+
+    async def pull(self, model: str, *, backend: str | None = None) -> AsyncIterator[Chunk]:
+        resp = await self._post("/api/pull", {"model": model, "stream": True}, None, backend, True)
+        return self._chunks(resp)
+
+    async def _post(self, path: str, body: dict[str, Any], intent: Intent | None,
+                    backend: str | None, stream: bool) -> httpx.Response:  # fmt: skip
+        request = ollama_request(self._http, path, body, intent, backend)
+        return self._served(await self._send(request, stream))
 
     async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Chunk]:
         try:
-            with _errors(self.socket):
+            with transport_errors(self.socket):
                 async for line in resp.aiter_lines():
-                    if (chunk := _chunk(line)) is not None:
+                    if (chunk := parse_chunk(line)) is not None:
                         yield chunk
         finally:
             await resp.aclose()

@@ -1,161 +1,204 @@
-"""harbord's own endpoints: /harbor/* and /metrics.
+"""The handlers of harbord's own endpoints: the table in harbor_endpoints, served.
 
-GET    /metrics                       Prometheus metrics (metrics.py)
-GET    /harbor/status                 full status (schemas.Status)
-GET    /harbor/check                  per-backend health in the seed's shape
-GET    /harbor/models                 which backend has which model
-GET    /harbor/pins                   active pins
-PUT    /harbor/pins/{model}           pin (schemas.PinRequest)
-DELETE /harbor/pins/{model}           unpin
-GET    /harbor/route?model=&intent=   dry-run routing decision (schemas.Plan)
-GET    /harbor/decisions[?limit=N]    recent routing decisions, newest first
-GET    /harbor/decisions/{id}         one decision with its attempts
-POST   /harbor/backends/{name}/restart  restart a backend's unit
+A handler takes a `Call` (the harbor, the path parameters, the query parameters the
+table names, the body decoded with the entry's type) and returns the entry's answer
+type, which `add_routes` encodes; it refuses with `Refused(status, message)`, which
+becomes harbord's JSON error. An undecodable body is a 400 before the handler runs.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
+from harbord import harbor_endpoints as api
 from harbord import metrics as metrics_module
 from harbord.config import MODEL_RE
-from harbord.harbor import HARBOR
+from harbord.harbor import HARBOR, Harbor
 from harbord.policy import PolicyError, RouteRequest, normalize_model
 from harbord.relay import error_response
-from harbord.schemas import UNDECODABLE, Inventory, PinRequest
+from harbord.schemas import (
+    UNDECODABLE,
+    CheckEntry,
+    Decision,
+    Inventory,
+    Pin,
+    PinRequest,
+    Plan,
+    Status,
+)
 
-_encoder = msgspec.json.Encoder()
-_pin_request = msgspec.json.Decoder(PinRequest)
-
-
-def typed_json(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(value), status=status, content_type="application/json")
-
-
-async def status(request: web.Request) -> web.StreamResponse:
-    return typed_json(request.app[HARBOR].status())
-
-
-async def check(request: web.Request) -> web.StreamResponse:
-    return typed_json(request.app[HARBOR].check())
+B = TypeVar("B")
+A = TypeVar("A")
 
 
-async def models(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
-    per_backend = {name: sorted(b.models or ()) for name, b in harbor.backends.items()}
+@dataclass(frozen=True)
+class Call(Generic[B]):
+    harbor: Harbor
+    path: Mapping[str, str]  # the path parameters, decoded
+    query: Mapping[str, str]  # only those the endpoint's entry names
+    body: B
+
+
+class Refused(Exception):
+    """The answer is an error: `status` with harbord's `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+Handler = Callable[[Call[B]], Awaitable[A]]
+HANDLERS: dict[api.Endpoint[Any, Any], Handler[Any, Any]] = {}
+
+
+def handles(endpoint: api.Endpoint[B, A]) -> Callable[[Handler[B, A]], Handler[B, A]]:
+    """Makes the function the handler of `endpoint`; the types must match the entry's."""
+
+    def register(handler: Handler[B, A]) -> Handler[B, A]:
+        HANDLERS[endpoint] = handler
+        return handler
+
+    return register
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    for endpoint in api.ENDPOINTS:
+        serve = _serving(endpoint, HANDLERS[endpoint])
+        if endpoint.method == "GET":
+            router.add_get(endpoint.path, serve)  # HEAD too, as aiohttp does for GET
+        else:
+            router.add_route(endpoint.method, endpoint.path, serve)
+
+
+def _serving(
+    endpoint: api.Endpoint[B, A], handler: Handler[B, A]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        query = {name: request.query[name] for name in endpoint.query if name in request.query}
+        try:
+            try:
+                raw = b"" if endpoint.body is None else await request.read()
+                body = endpoint.decode_body(raw)
+            except UNDECODABLE as err:
+                raise Refused(400, f"invalid {endpoint.name} request: {err}") from None
+            call = Call(request.app[HARBOR], dict(request.match_info), query, body)
+            answer = await handler(call)
+        except Refused as refused:
+            return error_response(refused.status, refused.message)
+        return web.Response(
+            body=endpoint.encode_answer(answer), headers={"Content-Type": endpoint.content_type}
+        )
+
+    return serve
+
+
+def _model(call: Call[Any]) -> str:
+    model = call.path["model"]
+    if not MODEL_RE.match(model):
+        raise Refused(400, f"invalid model name {model[:80]!r}")
+    return model
+
+
+@handles(api.STATUS)
+async def status(call: Call[None]) -> Status:
+    return call.harbor.status()
+
+
+@handles(api.CHECK)
+async def check(call: Call[None]) -> dict[str, CheckEntry]:
+    return call.harbor.check()
+
+
+@handles(api.MODELS)
+async def models(call: Call[None]) -> Inventory:
+    per_backend = {name: sorted(b.models or ()) for name, b in call.harbor.backends.items()}
     per_model: dict[str, list[str]] = {}
     for name, names in per_backend.items():
         for model in names:
             per_model.setdefault(model, []).append(name)
-    return typed_json(Inventory(backends=per_backend, models=dict(sorted(per_model.items()))))
+    return Inventory(backends=per_backend, models=dict(sorted(per_model.items())))
 
 
-async def pins(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
+@handles(api.PINS)
+async def pins(call: Call[None]) -> dict[str, Pin]:
     now = time.time()
-    return typed_json({m: p for m, p in harbor.state.pins.items() if p.active(now)})
+    return {m: p for m, p in call.harbor.state.pins.items() if p.active(now)}
 
 
-def _model_param(request: web.Request) -> str:
-    model = request.match_info["model"]
-    if not MODEL_RE.match(model):
-        raise web.HTTPBadRequest(reason=f"invalid model name {model[:80]!r}")
-    return model
-
-
-async def set_pin(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
-    model = _model_param(request)
-    try:
-        pin_request = _pin_request.decode(await request.read())
-    except UNDECODABLE as err:
-        return error_response(400, f"invalid pin request: {err}")
-    if pin_request.backend not in harbor.backends:
-        return error_response(
+@handles(api.PIN)
+async def set_pin(call: Call[PinRequest]) -> dict[str, Pin]:
+    harbor, model, wanted = call.harbor, _model(call), call.body
+    if wanted.backend not in harbor.backends:
+        raise Refused(
             400,
-            f"unknown backend {pin_request.backend!r}; "
-            f"expected one of: {', '.join(harbor.backends)}",
+            f"unknown backend {wanted.backend!r}; expected one of: {', '.join(harbor.backends)}",
         )
-    if pin_request.for_seconds is not None and pin_request.for_seconds <= 0:
-        return error_response(400, "for_seconds must be > 0")
-    pin = harbor.pin(
-        model, pin_request.backend, pin_request.reason, pin_request.for_seconds, "operator"
-    )
-    return typed_json({normalize_model(model): pin})
+    if wanted.for_seconds is not None and wanted.for_seconds <= 0:
+        raise Refused(400, "for_seconds must be > 0")
+    pin = harbor.pin(model, wanted.backend, wanted.reason, wanted.for_seconds, "operator")
+    return {normalize_model(model): pin}
 
 
-async def clear_pin(request: web.Request) -> web.StreamResponse:
-    model = _model_param(request)
-    if not request.app[HARBOR].unpin(model):
-        return error_response(404, f"{model} is not pinned")
-    return typed_json({"unpinned": normalize_model(model)})
+@handles(api.UNPIN)
+async def clear_pin(call: Call[None]) -> api.Unpinned:
+    model = _model(call)
+    if not call.harbor.unpin(model):
+        raise Refused(404, f"{model} is not pinned")
+    return api.Unpinned(normalize_model(model))
 
 
-async def route(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
-    model = request.query.get("model")
+@handles(api.ROUTE)
+async def route(call: Call[None]) -> Plan:
+    model = call.query.get("model")
     if not model or not MODEL_RE.match(model):
-        return error_response(400, "query parameter 'model' is required (a model name)")
+        raise Refused(400, "query parameter 'model' is required (a model name)")
     try:
-        plan = harbor.plan(RouteRequest(model=model, intent_header=request.query.get("intent")))
+        return call.harbor.plan(RouteRequest(model=model, intent_header=call.query.get("intent")))
     except PolicyError as err:
-        return error_response(400, str(err))
-    return typed_json(plan)
+        raise Refused(400, str(err)) from None
 
 
-async def decisions(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
+@handles(api.DECISIONS)
+async def decisions(call: Call[None]) -> list[Decision]:
     try:
-        limit = int(request.query.get("limit", "20"))
+        limit = int(call.query.get("limit", "20"))
     except ValueError:
-        return error_response(400, "limit must be an integer")
-    recent = list(harbor.decisions.values())[-max(limit, 0) :] if limit else []
-    return typed_json(list(reversed(recent)))
+        raise Refused(400, "limit must be an integer") from None
+    recent = list(call.harbor.decisions.values())[-max(limit, 0) :] if limit else []
+    return list(reversed(recent))
 
 
-async def decision(request: web.Request) -> web.StreamResponse:
-    found = request.app[HARBOR].decisions.get(request.match_info["id"])
+@handles(api.DECISION)
+async def decision(call: Call[None]) -> Decision:
+    found = call.harbor.decisions.get(call.path["id"])
     if found is None:
-        return error_response(404, f"no recent request with id {request.match_info['id']!r}")
-    return typed_json(found)
+        raise Refused(404, f"no recent request with id {call.path['id']!r}")
+    return found
 
 
-async def restart_backend(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
-    name = request.match_info["name"]
+@handles(api.RESTART)
+async def restart_backend(call: Call[None]) -> api.Restarted:
+    harbor, name = call.harbor, call.path["name"]
     if name not in harbor.backends:
-        return error_response(404, f"no backend named {name!r}")
+        raise Refused(404, f"no backend named {name!r}")
     restart = harbor.restart_backend
     if restart is None:
-        return error_response(501, "backend restarts need systemd supervision, which is off")
+        raise Refused(501, "backend restarts need systemd supervision, which is off")
     ok, message = await restart(name)
     if not ok:
-        return error_response(409, message)
-    return typed_json({"backend": name, "restarted": True, "message": message})
+        raise Refused(409, message)
+    return api.Restarted(name, True, message)
 
 
-async def metrics(request: web.Request) -> web.StreamResponse:
-    harbor = request.app[HARBOR]
+@handles(api.METRICS)
+async def metrics(call: Call[None]) -> str:
+    harbor = call.harbor
     if harbor.registry is None:
         harbor.registry = metrics_module.registry_for(harbor)
-    body = metrics_module.render(harbor.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/metrics", metrics)
-    router.add_get("/harbor/status", status)
-    router.add_get("/harbor/check", check)
-    router.add_get("/harbor/models", models)
-    router.add_get("/harbor/pins", pins)
-    router.add_put("/harbor/pins/{model:.+}", set_pin)
-    router.add_delete("/harbor/pins/{model:.+}", clear_pin)
-    router.add_get("/harbor/route", route)
-    router.add_get("/harbor/decisions", decisions)
-    router.add_get("/harbor/decisions/{id}", decision)
-    router.add_post("/harbor/backends/{name}/restart", restart_backend)
+    return metrics_module.render(harbor.registry).decode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from harbord.client import quote_path
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_OK, output
 from harbord.ctl.commands import route
 from harbord.ctl.http import Daemon
@@ -33,10 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
     if args.request_id:
-        one = daemon.get(f"/harbor/decisions/{quote_path(args.request_id)}", Decision)
+        one = daemon.client.fetch(api.DECISION, id=args.request_id)
         raw, decisions = one.raw, [one.value]
     else:
-        many = daemon.get("/harbor/decisions", list[Decision], limit=str(args.last))
+        many = daemon.client.fetch(api.DECISIONS, limit=args.last)
         raw, decisions = many.raw, many.value
     if args.json:
         output.raw_json(raw)

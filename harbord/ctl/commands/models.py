@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.schemas import Inventory
@@ -17,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    answer = daemon.get("/harbor/models", Inventory)
+    answer = daemon.client.fetch(api.MODELS)
     if args.json:
         output.raw_json(answer.raw)
     else:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from harbord.client import quote_path
+from harbord import harbor_endpoints as api
 from harbord.config import parse_duration
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
-from harbord.schemas import Pin, PinRequest
+from harbord.schemas import PinRequest
 
 HELP = "send every request for MODEL to BACKEND (for a while, or until unpinned)"
 TIMEOUT = 30.0
@@ -37,8 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
     request = PinRequest(args.backend, args.for_seconds, args.reason)
-    path = f"/harbor/pins/{quote_path(args.model)}"
-    answer = daemon.call("PUT", path, dict[str, Pin], body=request)
+    answer = daemon.client.fetch(api.PIN, request, model=args.model)
     if args.json:
         output.raw_json(answer.raw)
         return EX_OK

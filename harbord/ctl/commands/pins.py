@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.schemas import Pin
@@ -18,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    answer = daemon.get("/harbor/pins", dict[str, Pin])
+    answer = daemon.client.fetch(api.PINS)
     if args.json:
         output.raw_json(answer.raw)
     else:

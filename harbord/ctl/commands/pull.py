@@ -21,11 +21,10 @@ from typing import Any, TextIO
 
 import msgspec
 
-from harbord.client import HarborClient, HarborError, HarborUnavailable, Served, _checked
+from harbord.client import HarborClient, HarborError, HarborUnavailable
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.policy import normalize_model
-from harbord.schemas import Inventory
 
 HELP = "pull MODEL into the shared model store, with progress"
 TIMEOUT = None  # a big model takes as long as it takes
@@ -69,15 +68,11 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
 
 
 def _pull(client: HarborClient, model: str, backend: str | None) -> Iterator[dict[str, Any]]:
-    headers = {"X-Harbor-Backend": backend} if backend else {}
-    body = {"model": model, "stream": True}
-    resp = client._send("POST", "/api/pull", stream=True, json=body, headers=headers)
-    client.last = Served.from_headers(resp.headers)
-    _checked(resp)
-    if client.last.backend:
-        note = f"pulling {model} through {client.last.backend}"
+    chunks = client.pull(model, backend=backend)  # an {"error"} line raises HarborError
+    if client.last_backend:
+        note = f"pulling {model} through {client.last_backend}"
         print(output.paint(note, "dim", sys.stderr), file=sys.stderr, flush=True)
-    return client._chunks(resp)  # an {"error"} line raises HarborError
+    return chunks
 
 
 @dataclass
@@ -176,7 +171,7 @@ def where(daemon: Daemon, model: str) -> str:
     name = normalize_model(model).lower()
     deadline = time.monotonic() + SEE_FOR
     while True:
-        inventory = daemon.get("/harbor/models", Inventory).value
+        inventory = daemon.client.models()
         seen = [b for b, names in inventory.backends.items() if name in map(str.lower, names)]
         if len(seen) == len(inventory.backends) or time.monotonic() >= deadline:
             break

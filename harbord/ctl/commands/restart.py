@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from harbord.client import quote_path
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
 
@@ -20,10 +19,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
     # An answer other than 200 (409 not restarted, 501 no supervision) raises HarborError
     # with harbord's message: main prints it and exits 1.
-    path = f"/harbor/backends/{quote_path(args.backend)}/restart"
-    answer = daemon.call("POST", path, dict[str, Any])
+    answer = daemon.client.fetch(api.RESTART, name=args.backend)
     if args.json:
         output.raw_json(answer.raw)
     else:
-        print(answer.value.get("message") or f"restarted {args.backend}")
+        print(answer.value.message or f"restarted {args.backend}")
     return EX_OK

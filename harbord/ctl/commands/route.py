@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.schemas import INTENTS, Plan
@@ -18,8 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    params = {"model": args.model, **({"intent": args.intent} if args.intent else {})}
-    answer = daemon.get("/harbor/route", Plan, **params)
+    answer = daemon.client.fetch(api.ROUTE, model=args.model, intent=args.intent)
     if args.json:
         output.raw_json(answer.raw)
     else:

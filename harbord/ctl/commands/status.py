@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.ctl.output import paint
@@ -19,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    answer = daemon.get("/harbor/status", Status)
+    answer = daemon.client.fetch(api.STATUS)
     if args.json:
         output.raw_json(answer.raw)
     else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Literal, TextIO
 
+from harbord import harbor_endpoints as api
 from harbord.client import HarborError, HarborUnavailable
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
@@ -71,8 +72,8 @@ class Snapshot:
 
 
 def fetch(daemon: Daemon, last: int) -> Snapshot:
-    status = daemon.get("/harbor/status", Status)
-    decisions = daemon.get("/harbor/decisions", list[Decision], limit=str(last))
+    status = daemon.client.fetch(api.STATUS)
+    decisions = daemon.client.fetch(api.DECISIONS, limit=last)
     raw = b'{"status":' + status.raw + b',"decisions":' + decisions.raw + b"}"
     return Snapshot(status.value, decisions.value, time.monotonic(), raw)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from harbord.client import quote_path
+from harbord import harbor_endpoints as api
 from harbord.ctl import EX_OK, output
 from harbord.ctl.http import Daemon
 
@@ -17,9 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    answer = daemon.call("DELETE", f"/harbor/pins/{quote_path(args.model)}", dict[str, str])
+    answer = daemon.client.fetch(api.UNPIN, model=args.model)
     if args.json:
         output.raw_json(answer.raw)
     else:
-        print(f"unpinned {answer.value.get('unpinned', args.model)}")
+        print(f"unpinned {answer.value.unpinned}")
     return EX_OK
