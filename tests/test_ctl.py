@@ -41,7 +41,9 @@ ANSI = re.compile(r"\033\[[0-9;]*m")
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[respx.MockRouter]:
     monkeypatch.setenv("HARBOR_SOCKET", str(tmp_path / "harbor.sock"))
-    monkeypatch.delenv("NO_COLOR", raising=False)
+    for name in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
     with respx.mock(base_url="http://harbor", assert_all_called=False) as router:
         yield router
 
@@ -677,6 +679,41 @@ def test_colour_only_on_a_terminal_without_no_color(
     assert not ANSI.search(run(capsys, "status")[1])
     monkeypatch.setenv("NO_COLOR", "")  # empty counts as unset (no-color.org)
     assert output.colour()
+
+
+@pytest.mark.parametrize(
+    ("env", "tty", "expected"),
+    [
+        ({}, True, True),
+        ({}, False, False),
+        ({"NO_COLOR": "1"}, True, False),
+        ({"FORCE_COLOR": "1"}, False, True),
+        ({"FORCE_COLOR": ""}, False, False),  # empty counts as unset (force-color.org)
+        ({"CLICOLOR_FORCE": "1"}, False, True),
+        ({"CLICOLOR_FORCE": "0"}, False, False),  # bixense.com/clicolors: != 0 forces
+        ({"NO_COLOR": "1", "FORCE_COLOR": "1"}, True, False),  # the opt-out wins
+        ({"NO_COLOR": "1", "CLICOLOR_FORCE": "1"}, False, False),
+        ({"TERM": "dumb"}, True, False),
+        ({"TERM": "dumb", "FORCE_COLOR": "1"}, True, True),
+        ({"NO_COLOR": "", "TERM": "xterm"}, True, True),
+    ],
+)
+def test_colour_conventions(env: dict[str, str], tty: bool, expected: bool) -> None:
+    stream = io.StringIO()
+    stream.isatty = lambda: tty  # type: ignore[method-assign]
+    assert output.colour(stream, env) is expected
+
+
+def test_force_color_colours_a_pipe(
+    daemon: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.get("/harbor/status").respond(
+        200, content=encode(status(backend("gpu"), backend("cpu", health="down")))
+    )
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert "\033[31mdown\033[0m" in run(capsys, "status")[1]  # capsys: not a terminal
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not ANSI.search(run(capsys, "status")[1])
 
 
 @pytest.mark.parametrize(
