@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import socket
 import sys
@@ -844,3 +845,57 @@ def test_setup_hands_its_options_to_setup_units(
     assert isinstance(options, argparse.Namespace)
     assert (options.dry_run, options.no_backends, options.harbord) == (True, True, "/opt/h")
     assert "--dry-run" in run(capsys, "setup", "--help")[1]
+
+
+def no_user_manager(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `systemctl --user` finds no manager (an empty runtime dir)."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "USER": "someone",
+        "XDG_RUNTIME_DIR": str(runtime),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+
+
+def test_setup_dry_run_lists_its_steps_without_a_user_manager(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harbord import setup_units
+
+    env = no_user_manager(tmp_path)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    out = capsys.readouterr().out
+    unit_dir = tmp_path / "config" / "systemd" / "user"
+    assert f"would: install {unit_dir / 'harbord.service'}" in out
+    assert "would: systemctl --user daemon-reload" in out
+    assert "would: systemctl --user enable --now harbord.socket" in out
+    assert "cannot reach your systemd user manager" in out
+    assert not unit_dir.exists(), "a dry run changes nothing"
+    # Without --dry-run, the missing manager is an error that says what to do.
+    assert setup_units.run_setup(["--no-backends"], env=env) == 1
+    assert "loginctl enable-linger" in capsys.readouterr().err
+
+
+def test_setup_json_prints_one_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harbord import setup_units
+
+    monkeypatch.setattr(os, "environ", no_user_manager(tmp_path))
+    code, out, _ = run(capsys, "setup", "--dry-run", "--no-backends", "--json")
+    assert code == 0
+    report = json.loads(out)  # the whole of stdout: no text around it
+    assert report["ok"] is True and report["dry_run"] is True
+    assert report["user_manager"] is False
+    assert "systemctl --user enable --now harbord.socket" in report["steps"]
+    assert any("cannot reach your systemd user manager" in a for a in report["advice"])
+    assert report["unit_dir"] == str(tmp_path / "config" / "systemd" / "user")
+    # harborctl --json setup (the global option before the subcommand) too; a failure
+    # is a report with ok false and the error.
+    code, out, err = run(capsys, "--json", "setup", "--no-backends")
+    assert code == 1 and "user manager" in err
+    failed = msgspec.json.decode(out, type=setup_units.SetupReport)
+    assert failed.ok is False and failed.error and "user manager" in failed.error
