@@ -297,7 +297,7 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
              "ollama-gpu@someone.service", "ollama-cpu@someone.service"]  # fmt: skip
     result = subprocess.run(
         ["systemd-analyze", "--user", "verify", man, *(str(unit_dir / n) for n in names)],
-        env=verify_env(tmp_path),
+        env=(env := verify_env(tmp_path)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -313,7 +313,7 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         )
         result = subprocess.run(
             ["systemd-analyze", "--user", "verify", man, str(service)],
-            env=verify_env(tmp_path), capture_output=True, text=True, timeout=60, check=False,
+            env=env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         complaints = result.stderr.strip().splitlines()
         assert len(complaints) == 1, result.stderr
