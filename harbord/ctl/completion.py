@@ -83,7 +83,7 @@ def script(parser: argparse.ArgumentParser, shell: str) -> str:
         return fish_script(parser)
     import shtab
 
-    return shtab.complete(parser, shell=shell, preamble=PREAMBLE[shell])
+    return shtab.complete(parser, shell=shell, preamble=PREAMBLE[shell]).rstrip("\n") + "\n"
 
 
 def mark_backends(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +170,8 @@ def fish_script(parser: argparse.ArgumentParser) -> str:
                 f"-l {o[2:]}" if o.startswith("--") else f"-s {o[1:]}"
                 for o in action.option_strings
             )
-            value = "" if action.nargs == 0 else " -r" + (f" -a {candidates}" if candidates else "")
+            # -x: only the candidates; -r: a value, which may be a file (--socket)
+            value = "" if action.nargs == 0 else f" -x -a {candidates}" if candidates else " -r"
             lines.append(
                 f"complete -c {PROG} -n {shlex.quote(where)} {flags}{value}"
                 f" -d {_q(_first_line(action.help))}"
