@@ -899,3 +899,43 @@ def test_setup_json_prints_one_json_report(
     assert code == 1 and "user manager" in err
     failed = msgspec.json.decode(out, type=setup_units.SetupReport)
     assert failed.ok is False and failed.error and "user manager" in failed.error
+
+
+def test_harbord_service_fits_the_systemd_version() -> None:
+    from harbord import unit_files
+
+    shipped = (Path(__file__).resolve().parent.parent / "units" / "harbord.service").read_text()
+    assert "Type=notify-reload\n" in shipped and "\nExecReload=" not in shipped
+    assert unit_files.parse_version("systemd 252 (252.38-1~deb12u1)\n+PAM +AUDIT") == 252
+    assert unit_files.parse_version("not systemd") is None
+    assert unit_files.service_for(shipped, 257) == shipped
+    assert unit_files.service_for(shipped, None) == shipped  # unknown: as shipped
+    old = unit_files.service_for(shipped, 252)
+    assert "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n" in old
+    assert "Type=notify-reload" not in old
+    assert old.replace("Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n", "") == shipped.replace(
+        "Type=notify-reload\n", ""
+    ), "nothing else changes"
+
+
+def test_setup_adds_and_removes_the_reload_drop_in_for_a_packaged_unit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harbord import setup_units, unit_files
+
+    env = no_user_manager(tmp_path)
+    monkeypatch.setattr(unit_files, "packaged_units", lambda exec_start: Path("/usr/lib/x"))
+    monkeypatch.setattr(unit_files, "systemd_version", lambda: 252)
+    drop_in = tmp_path / "config" / "systemd" / "user" / unit_files.FALLBACK_DROP_IN
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    out = capsys.readouterr().out
+    assert f"would: install {drop_in} (systemd 252 is older than 253)" in out
+    assert "would: systemctl --user daemon-reload" in out
+    assert "harbord.service (" not in out  # the packaged unit itself is left alone
+    drop_in.parent.mkdir(parents=True)
+    drop_in.write_text(unit_files.FALLBACK_DROP_IN_TEXT)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    assert "daemon-reload" not in capsys.readouterr().out  # already there
+    monkeypatch.setattr(unit_files, "systemd_version", lambda: 256)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    assert f"would: remove {drop_in}" in capsys.readouterr().out

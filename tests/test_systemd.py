@@ -335,7 +335,7 @@ def test_setup_installs_enables_and_is_idempotent(installed: Harbor, tmp_path: P
     assert "ExecStart=/usr/bin/harbord" not in installed_service
     if unit_files.knows_notify_reload(SYSTEMD):
         assert "Type=notify-reload\n" in installed_service
-        assert "ExecReload=" not in installed_service
+        assert "\nExecReload=" not in installed_service
     else:  # fitted for this systemd: notify, with SIGHUP sent by ExecReload=
         assert "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n" in installed_service
         assert "notify-reload\n" not in installed_service
