@@ -5,13 +5,16 @@ Copies the units into `$XDG_CONFIG_HOME/systemd/user/` with harbord.service's
 manager, enables `harbord.socket` and, when `ollama` is installed, the two
 backend units. Safe to run again: files that are already right are left alone
 and units that are already enabled and running are not touched. `--dry-run`
-says what it would do and changes nothing.
+says what it would do and changes nothing, even without a user manager (it then
+assumes nothing is enabled). `--json` prints a SetupReport instead of the text.
+The unit files and their fitting to this systemd: harbord.unit_files.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import io
 import os
 import shlex
 import shutil
@@ -23,19 +26,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-UNIT_FILES = ("harbord.service", "harbord.socket", "ollama-gpu@.service", "ollama-cpu@.service")
-SHIPPED_EXEC_START = "ExecStart=/usr/bin/harbord"
-EXAMPLE = "ollama.env.example"
-# Where a distro package puts user units (then setup only enables them).
-SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/user"), Path("/usr/local/lib/systemd/user"))
+import msgspec
+
+from harbord import unit_files
+from harbord.unit_files import UNIT_FILES, rewrite_exec_start
+
 # Where `ollama` may be: the units look in the same places (see their ExecStart=).
 OLLAMA_DIRS = ("~/.local/bin", "/usr/local/bin", "/usr/bin", "/bin")
 BACKEND_PORTS = {"ollama-gpu": 11434, "ollama-cpu": 11435}
 SYSTEMCTL_TIMEOUT = 120.0
 
 
-class SetupError(Exception):
+class SetupError(unit_files.UnitFileError):
     """Setup cannot go on; the text says why and what to do."""
+
+
+class SetupReport(msgspec.Struct):
+    """What `harborctl setup --json` prints: the steps taken (or, dry_run, to take)."""
+
+    ok: bool
+    dry_run: bool
+    steps: list[str]
+    advice: list[str]
+    error: str | None
+    unit_dir: str
+    packaged_units: str | None  # the system directory, when a package installed the units
+    user_manager: bool  # reachable; false only under --dry-run (a real run fails then)
+    systemd_version: int | None
 
 
 @dataclass
@@ -47,6 +64,9 @@ class Setup:
     with_backends: bool = True
     done: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    manager: bool = True
+    systemd: int | None = None
+    packaged: Path | None = None
 
     # -- where things are ----------------------------------------------------------
 
@@ -94,16 +114,27 @@ class Setup:
         return result
 
     def query(self, verb: str, unit: str) -> str:
+        if not self.manager:  # --dry-run without a manager: as if nothing were enabled
+            return ""
         return self.systemctl(verb, unit, change=False).stdout.strip()
 
     def check_manager(self) -> None:
-        result = self.systemctl("show-environment", change=False)
-        if result.returncode != 0:
-            reason = result.stderr.strip().splitlines()[0] if result.stderr.strip() else "no answer"
-            raise SetupError(
-                f"cannot reach your systemd user manager ({reason}). Log in to a session with "
-                "systemd (or run `loginctl enable-linger $USER` as an administrator) and try again"
-            )
+        try:
+            result = self.systemctl("show-environment", change=False)
+            lines = result.stderr.strip().splitlines()
+            reason = lines[0] if lines else "no answer"
+        except SetupError as err:  # no systemctl, or no answer
+            result, reason = None, str(err)
+        if result is not None and result.returncode == 0:
+            return
+        problem = (
+            f"cannot reach your systemd user manager ({reason}). Log in to a session with "
+            "systemd (or run `loginctl enable-linger $USER` as an administrator) and try again"
+        )
+        if not self.dry_run:
+            raise SetupError(problem)
+        self.manager = False
+        self.advice.append(problem + "; what is listed assumes no unit is enabled yet")
 
     # -- the steps -----------------------------------------------------------------------
 
@@ -115,15 +146,15 @@ class Setup:
                 raise SetupError(
                     f"--harbord {self.harbord}: expected an absolute path to an executable"
                 )
-            return quote(str(path))
+            return unit_files.quote(str(path))
         beside = Path(sys.executable).parent / "harbord"
         if beside.is_file() and os.access(beside, os.X_OK):
-            return quote(str(beside))
+            return unit_files.quote(str(beside))
         found = shutil.which("harbord", path=self.env.get("PATH"))
         if found:
-            return quote(os.path.abspath(found))
+            return unit_files.quote(os.path.abspath(found))
         # Not installed as a script (e.g. run from a checkout): the module works as well.
-        return f"{quote(os.path.abspath(sys.executable))} -m harbord"
+        return f"{unit_files.quote(os.path.abspath(sys.executable))} -m harbord"
 
     def install_units(self, source: Path) -> bool:
         """Write the units that are missing or different; True when any file changed."""
@@ -141,7 +172,7 @@ class Setup:
         for name in UNIT_FILES:
             text = (source / name).read_text(encoding="utf-8")
             if name == "harbord.service":
-                text = rewrite_exec_start(text, exec_start)
+                text = unit_files.service_for(rewrite_exec_start(text, exec_start), self.systemd)
             target = self.unit_dir / name
             try:
                 current = target.read_text(encoding="utf-8")
@@ -151,10 +182,13 @@ class Setup:
                 raise SetupError(f"cannot read {target}: {err.strerror}") from None
             if current == text:
                 continue
-            self.say(f"{'install' if current is None else 'update'} {target}")
+            verb = "install" if current is None else "update"
+            fitted = name == "harbord.service" and not unit_files.knows_notify_reload(self.systemd)
+            why = f" (Type=notify: systemd {self.systemd} predates notify-reload)" if fitted else ""
+            self.say(f"{verb} {target}{why}")
             changed = True
             if not self.dry_run:
-                write_atomically(target, text)
+                unit_files.write_atomically(target, text)
         return changed
 
     def enable(self, units: Sequence[str]) -> None:
@@ -213,9 +247,31 @@ class Setup:
                 f"without a session: loginctl enable-linger {self.user}"
             )
 
+    def reload_fallback(self) -> bool:
+        """For a packaged unit: the Type=notify drop-in on old systemd, gone on a new one."""
+        drop_in = self.unit_dir / unit_files.FALLBACK_DROP_IN
+        if unit_files.knows_notify_reload(self.systemd):
+            if not drop_in.exists():
+                return False
+            self.say(f"remove {drop_in} (systemd {self.systemd} knows Type=notify-reload)")
+            if not self.dry_run:
+                drop_in.unlink()
+            return True
+        try:
+            if drop_in.read_text(encoding="utf-8") == unit_files.FALLBACK_DROP_IN_TEXT:
+                return False
+        except OSError:
+            pass
+        self.say(f"install {drop_in} (systemd {self.systemd} is older than 253)")
+        if not self.dry_run:
+            drop_in.parent.mkdir(parents=True, exist_ok=True)
+            unit_files.write_atomically(drop_in, unit_files.FALLBACK_DROP_IN_TEXT)
+        return True
+
     def run(self) -> int:
         self.check_manager()
-        packaged = packaged_units(self.executable())
+        self.systemd = unit_files.systemd_version()
+        packaged = self.packaged = unit_files.packaged_units(self.executable())
         if packaged is not None:
             print(f"harbord's units come with its package, in {packaged}", file=self.out)
             if (self.unit_dir / "harbord.service").exists():
@@ -224,7 +280,9 @@ class Setup:
                     "packaged unit; remove it and run `systemctl --user daemon-reload` to use the "
                     "package's"
                 )
-        elif self.install_units(units_source()):
+            if self.reload_fallback():
+                self.systemctl("daemon-reload")
+        elif self.install_units(unit_files.units_source()):
             self.systemctl("daemon-reload")
             if self.query("is-active", "harbord.service") == "active":
                 self.advice.append(
@@ -240,7 +298,7 @@ class Setup:
         print("\nnext:", file=self.out)
         for text in self.advice:
             print(f"  - {text}", file=self.out)
-        example = env_example()
+        example = unit_files.env_example()
         print(
             "  - harborctl status    (harbord starts on the first request to "
             "$XDG_RUNTIME_DIR/harbor.sock)\n"
@@ -252,76 +310,6 @@ class Setup:
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def quote(path: str) -> str:
-    """A path as one ExecStart= word: specifiers and variables escaped, quoted if needed."""
-    escaped = path.replace("%", "%%").replace("$", "$$")
-    if any(c.isspace() or c in "\"'\\" for c in escaped):
-        return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return escaped
-
-
-def rewrite_exec_start(text: str, exec_start: str) -> str:
-    lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if line.rstrip("\n") == SHIPPED_EXEC_START:
-            lines[i] = f"ExecStart={exec_start}\n"
-            return "".join(lines)
-    raise SetupError(f"harbord.service has no line {SHIPPED_EXEC_START!r} to point at harbord")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        raise SetupError(f"cannot write {path}: {err.strerror}") from None
-
-
-def units_source() -> Path:
-    """The shipped unit files: in the source tree, or where the wheel put them."""
-    candidates = [
-        Path(__file__).resolve().parent.parent / "units",
-        Path(sys.prefix) / "share" / "harbord" / "units",
-        Path("/usr/local/share/harbord/units"),
-        Path("/usr/share/harbord/units"),
-    ]
-    for path in candidates:
-        if all((path / name).is_file() for name in UNIT_FILES):
-            return path
-    raise SetupError(
-        "harbord's unit files were not found (looked in "
-        + ", ".join(str(p) for p in candidates)
-        + "); reinstall harbord"
-    )
-
-
-def packaged_units(exec_start: str) -> Path | None:
-    """The system directory holding harbord's units, when they belong to this harbord."""
-    for directory in SYSTEM_UNIT_DIRS:
-        try:
-            service = (directory / "harbord.service").read_text(encoding="utf-8")
-        except OSError:
-            continue
-        if all((directory / name).is_file() for name in UNIT_FILES) and (
-            f"ExecStart={exec_start}\n" in service
-        ):
-            return directory
-    return None
-
-
-def env_example() -> Path | None:
-    candidates = [
-        Path(__file__).resolve().parent.parent / "units",
-        Path(sys.prefix) / "share" / "harbord" / "units",
-        Path("/usr/share/doc/harbord"),
-    ]
-    return next((p / EXAMPLE for p in candidates if (p / EXAMPLE).is_file()), None)
 
 
 def find_ollama(env: Mapping[str, str]) -> str | None:
@@ -363,20 +351,39 @@ def run_setup(
     if options is None or not isinstance(options, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="harborctl setup", description=__doc__.split("\n")[0])
         add_arguments(parser)
+        parser.add_argument(
+            "--json", action="store_true", help="print a JSON report"
+        )  # harborctl's
         options = parser.parse_args(list(options) if options is not None else [])
     out = out or sys.stdout
+    as_json = bool(getattr(options, "json", False))
     setup = Setup(
         env=os.environ if env is None else env,
         dry_run=bool(getattr(options, "dry_run", False)),
-        out=out,
+        out=io.StringIO() if as_json else out,  # the text is not wanted with --json
         harbord=getattr(options, "harbord", None),
         with_backends=not getattr(options, "no_backends", False),
     )
+    error: str | None = None
     try:
-        return setup.run()
-    except SetupError as err:
+        code = setup.run()
+    except unit_files.UnitFileError as err:
+        error, code = str(err), 1
         print(f"harborctl setup: {err}", file=sys.stderr)
-        return 1
+    if as_json:
+        report = SetupReport(
+            ok=code == 0,
+            dry_run=setup.dry_run,
+            steps=setup.done,
+            advice=setup.advice,
+            error=error,
+            unit_dir=str(setup.unit_dir),
+            packaged_units=str(setup.packaged) if setup.packaged else None,
+            user_manager=setup.manager,
+            systemd_version=setup.systemd,
+        )
+        out.write(msgspec.json.encode(report).decode() + "\n")
+    return code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import socket
 import sys
@@ -41,7 +42,9 @@ ANSI = re.compile(r"\033\[[0-9;]*m")
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[respx.MockRouter]:
     monkeypatch.setenv("HARBOR_SOCKET", str(tmp_path / "harbor.sock"))
-    monkeypatch.delenv("NO_COLOR", raising=False)
+    for name in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
     with respx.mock(base_url="http://harbor", assert_all_called=False) as router:
         yield router
 
@@ -680,6 +683,41 @@ def test_colour_only_on_a_terminal_without_no_color(
 
 
 @pytest.mark.parametrize(
+    ("env", "tty", "expected"),
+    [
+        ({}, True, True),
+        ({}, False, False),
+        ({"NO_COLOR": "1"}, True, False),
+        ({"FORCE_COLOR": "1"}, False, True),
+        ({"FORCE_COLOR": ""}, False, False),  # empty counts as unset (force-color.org)
+        ({"CLICOLOR_FORCE": "1"}, False, True),
+        ({"CLICOLOR_FORCE": "0"}, False, False),  # bixense.com/clicolors: != 0 forces
+        ({"NO_COLOR": "1", "FORCE_COLOR": "1"}, True, False),  # the opt-out wins
+        ({"NO_COLOR": "1", "CLICOLOR_FORCE": "1"}, False, False),
+        ({"TERM": "dumb"}, True, False),
+        ({"TERM": "dumb", "FORCE_COLOR": "1"}, True, True),
+        ({"NO_COLOR": "", "TERM": "xterm"}, True, True),
+    ],
+)
+def test_colour_conventions(env: dict[str, str], tty: bool, expected: bool) -> None:
+    stream = io.StringIO()
+    stream.isatty = lambda: tty  # type: ignore[method-assign]
+    assert output.colour(stream, env) is expected
+
+
+def test_force_color_colours_a_pipe(
+    daemon: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.get("/harbor/status").respond(
+        200, content=encode(status(backend("gpu"), backend("cpu", health="down")))
+    )
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert "\033[31mdown\033[0m" in run(capsys, "status")[1]  # capsys: not a terminal
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not ANSI.search(run(capsys, "status")[1])
+
+
+@pytest.mark.parametrize(
     ("seconds", "text"),
     [(0.25, "250ms"), (4.21, "4.2s"), (45, "45s"), (303, "5m 3s"), (82800, "23h"),
      (83000, "23h 3m"), (187200, "2d 4h")],
@@ -807,3 +845,97 @@ def test_setup_hands_its_options_to_setup_units(
     assert isinstance(options, argparse.Namespace)
     assert (options.dry_run, options.no_backends, options.harbord) == (True, True, "/opt/h")
     assert "--dry-run" in run(capsys, "setup", "--help")[1]
+
+
+def no_user_manager(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `systemctl --user` finds no manager (an empty runtime dir)."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "USER": "someone",
+        "XDG_RUNTIME_DIR": str(runtime),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+
+
+def test_setup_dry_run_lists_its_steps_without_a_user_manager(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harbord import setup_units
+
+    env = no_user_manager(tmp_path)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    out = capsys.readouterr().out
+    unit_dir = tmp_path / "config" / "systemd" / "user"
+    assert f"would: install {unit_dir / 'harbord.service'}" in out
+    assert "would: systemctl --user daemon-reload" in out
+    assert "would: systemctl --user enable --now harbord.socket" in out
+    assert "cannot reach your systemd user manager" in out
+    assert not unit_dir.exists(), "a dry run changes nothing"
+    # Without --dry-run, the missing manager is an error that says what to do.
+    assert setup_units.run_setup(["--no-backends"], env=env) == 1
+    assert "loginctl enable-linger" in capsys.readouterr().err
+
+
+def test_setup_json_prints_one_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harbord import setup_units
+
+    monkeypatch.setattr(os, "environ", no_user_manager(tmp_path))
+    code, out, _ = run(capsys, "setup", "--dry-run", "--no-backends", "--json")
+    assert code == 0
+    report = json.loads(out)  # the whole of stdout: no text around it
+    assert report["ok"] is True and report["dry_run"] is True
+    assert report["user_manager"] is False
+    assert "systemctl --user enable --now harbord.socket" in report["steps"]
+    assert any("cannot reach your systemd user manager" in a for a in report["advice"])
+    assert report["unit_dir"] == str(tmp_path / "config" / "systemd" / "user")
+    # harborctl --json setup (the global option before the subcommand) too; a failure
+    # is a report with ok false and the error.
+    code, out, err = run(capsys, "--json", "setup", "--no-backends")
+    assert code == 1 and "user manager" in err
+    failed = msgspec.json.decode(out, type=setup_units.SetupReport)
+    assert failed.ok is False and failed.error and "user manager" in failed.error
+
+
+def test_harbord_service_fits_the_systemd_version() -> None:
+    from harbord import unit_files
+
+    shipped = (Path(__file__).resolve().parent.parent / "units" / "harbord.service").read_text()
+    assert "Type=notify-reload\n" in shipped and "\nExecReload=" not in shipped
+    assert unit_files.parse_version("systemd 252 (252.38-1~deb12u1)\n+PAM +AUDIT") == 252
+    assert unit_files.parse_version("not systemd") is None
+    assert unit_files.service_for(shipped, 257) == shipped
+    assert unit_files.service_for(shipped, None) == shipped  # unknown: as shipped
+    old = unit_files.service_for(shipped, 252)
+    assert "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n" in old
+    assert "Type=notify-reload" not in old
+    assert old.replace("Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n", "") == shipped.replace(
+        "Type=notify-reload\n", ""
+    ), "nothing else changes"
+
+
+def test_setup_adds_and_removes_the_reload_drop_in_for_a_packaged_unit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harbord import setup_units, unit_files
+
+    env = no_user_manager(tmp_path)
+    monkeypatch.setattr(unit_files, "packaged_units", lambda exec_start: Path("/usr/lib/x"))
+    monkeypatch.setattr(unit_files, "systemd_version", lambda: 252)
+    drop_in = tmp_path / "config" / "systemd" / "user" / unit_files.FALLBACK_DROP_IN
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    out = capsys.readouterr().out
+    assert f"would: install {drop_in} (systemd 252 is older than 253)" in out
+    assert "would: systemctl --user daemon-reload" in out
+    assert "harbord.service (" not in out  # the packaged unit itself is left alone
+    drop_in.parent.mkdir(parents=True)
+    drop_in.write_text(unit_files.FALLBACK_DROP_IN_TEXT)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    assert "daemon-reload" not in capsys.readouterr().out  # already there
+    monkeypatch.setattr(unit_files, "systemd_version", lambda: 256)
+    assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
+    assert f"would: remove {drop_in}" in capsys.readouterr().out

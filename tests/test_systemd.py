@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harbord import setup_units
+from harbord import setup_units, unit_files
 from tests.fakeproc import free_port
 from tests.harness import FAST_ROUTING
 from tests.systemd_manager import (
@@ -52,6 +52,15 @@ MODELS = [
 GPU = {"X-Harbor-Backend": "gpu"}
 WATCHDOG_SEC = 3
 DRAIN_SEC = 4
+# systemd 252 (Debian 12) lacks Type=notify-reload: the units are fitted as setup does.
+SYSTEMD = unit_files.systemd_version()
+
+
+def shipped(name: str) -> str:
+    """A shipped unit as `harborctl setup` would install it for this systemd."""
+    text = (UNITS / name).read_text(encoding="utf-8")
+    return unit_files.service_for(text, SYSTEMD) if name == "harbord.service" else text
+
 
 CONFIG = (
     """\
@@ -103,7 +112,7 @@ class Harbor:
     def install(self) -> None:
         m = self.manager
         for path in sorted(UNITS.glob("*.service")) + sorted(UNITS.glob("*.socket")):
-            m.install_unit(path.name, path.read_text(encoding="utf-8"))
+            m.install_unit(path.name, shipped(path.name))
         python = escape_exec(sys.executable)
         # A checkout (and its .venv) under /tmp would be hidden from units with
         # PrivateTmp=yes; the shipped sandboxing is tested on its own below, with
@@ -275,11 +284,11 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit_dir.mkdir()
     for path in UNITS.iterdir():
         if path.suffix in (".service", ".socket"):
-            (unit_dir / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+            (unit_dir / path.name).write_text(shipped(path.name), encoding="utf-8")
     # ExecStart= must name an existing executable: point it where `harborctl setup` would.
     service = unit_dir / "harbord.service"
     exec_start = setup_units.Setup(env=os.environ, dry_run=True, out=sys.stdout).executable()
-    service.write_text(setup_units.rewrite_exec_start(service.read_text(), exec_start))
+    service.write_text(unit_files.rewrite_exec_start(service.read_text(), exec_start))
     # The man pages come with the distro package (tested there); from a checkout they
     # are not installed, so verify checks them only when `man` can find them.
     man_found = subprocess.run(["man", "-w", "harbord"], capture_output=True, check=False)
@@ -288,7 +297,7 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
              "ollama-gpu@someone.service", "ollama-cpu@someone.service"]  # fmt: skip
     result = subprocess.run(
         ["systemd-analyze", "--user", "verify", man, *(str(unit_dir / n) for n in names)],
-        env=verify_env(tmp_path),
+        env=(env := verify_env(tmp_path)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -297,6 +306,18 @@ def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
+    if not unit_files.knows_notify_reload(SYSTEMD):
+        # The unit as shipped: its one complaint here is the type this systemd lacks.
+        service.write_text(
+            unit_files.rewrite_exec_start((UNITS / "harbord.service").read_text(), exec_start)
+        )
+        result = subprocess.run(
+            ["systemd-analyze", "--user", "verify", man, str(service)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        complaints = result.stderr.strip().splitlines()
+        assert len(complaints) == 1, result.stderr
+        assert "Failed to parse service type, ignoring: notify-reload" in complaints[0]
 
 
 def test_setup_installs_enables_and_is_idempotent(installed: Harbor, tmp_path: Path) -> None:
@@ -312,6 +333,12 @@ def test_setup_installs_enables_and_is_idempotent(installed: Harbor, tmp_path: P
     text = first.read_text()
     installed_service = (m.unit_dir / "harbord.service").read_text()
     assert "ExecStart=/usr/bin/harbord" not in installed_service
+    if unit_files.knows_notify_reload(SYSTEMD):
+        assert "Type=notify-reload\n" in installed_service
+        assert "\nExecReload=" not in installed_service
+    else:  # fitted for this systemd: notify, with SIGHUP sent by ExecReload=
+        assert "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n" in installed_service
+        assert "notify-reload\n" not in installed_service
     assert m.prop("harbord.socket", "UnitFileState") == "enabled"
     assert "loginctl enable-linger" in text and "ollama was not found" in text
     again = tmp_path / "again.txt"
@@ -572,6 +599,8 @@ def test_reload_applies_a_new_config_and_refuses_a_bad_one(harbor: Harbor) -> No
             return str(answer["intent"])
 
     assert intent("qwen2.5-coder:7b") == "fast"
+    expected_type = "notify-reload" if unit_files.knows_notify_reload(SYSTEMD) else "notify"
+    assert m.prop("harbord.service", "Type") == expected_type
     try:
         harbor.write_config('\n[models."qwen2.5-coder:7b"]\nintent = "heavy"\n')
         m.systemctl("reload", "harbord.service")
@@ -689,7 +718,7 @@ time.sleep(120)
 def test_harbord_sandbox_works_under_an_unprivileged_user_manager() -> None:
     """The tests above run the manager as root; a real user's manager is not, and several
     sandboxing directives fail there (226/NAMESPACE) or silently do nothing. harbord.service,
-    exactly as shipped but for ExecStart=, must start, get READY=1 through, write its state,
+    as setup installs it but for ExecStart=, must start, get READY=1 through, write its state,
     see its home read-only and still reach the manager with systemctl (for supervision)."""
     if not Path("/usr/bin/python3").exists():
         skip_or_fail("/usr/bin/python3 (a Python any user can run) is needed for the probe")
@@ -704,7 +733,7 @@ def test_harbord_sandbox_works_under_an_unprivileged_user_manager() -> None:
         probe.write_text(SANDBOX_PROBE)
         probe.chmod(0o644)
         for name in ("harbord.service", "harbord.socket"):
-            manager.install_unit(name, (UNITS / name).read_text(encoding="utf-8"))
+            manager.install_unit(name, shipped(name))
         manager.drop_in(
             "harbord.service",
             "probe",

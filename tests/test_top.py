@@ -52,7 +52,12 @@ def harborctl_argv(*args: str) -> list[str]:
 
 
 def ctl_env(socket: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HARBOR_", "TMUX"))}
+    colour = ("NO_COLOR", "FORCE_COLOR", "CLICOLOR_FORCE")  # the tests decide colour
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HARBOR_", "TMUX")) and k not in colour
+    }
     return {**env, "HARBOR_SOCKET": str(socket), "PYTHONPATH": str(ROOT)}
 
 
@@ -78,8 +83,9 @@ class Tmux:
         self("new-session", "-d", "-s", "top", "-x", "160", "-y", "50", "sh", "-c", shell, env=env)
         self.socket = Path(self("display", "-p", "#{socket_path}").strip())
 
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "top")
+    def screen(self, escapes: bool = False) -> str:
+        # -e: with the colour codes the pane shows
+        return self("capture-pane", "-p", *(["-e"] if escapes else []), "-t", "top")
 
     def wait_for(self, ok: Callable[[str], bool], what: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
@@ -185,6 +191,19 @@ def test_top_prints_one_snapshot_when_not_a_terminal(harbord: Harbord) -> None:
     parsed = json.loads(as_json.stdout)
     assert {b["name"] for b in parsed["status"]["backends"]} == {"gpu", "cpu"}
     assert parsed["decisions"] == []
+
+
+def test_top_on_a_dumb_terminal_prints_one_plain_snapshot(harbord: Harbord, tmux: Tmux) -> None:
+    # A real terminal (the pane is a tty) that says it takes no escape codes.
+    argv = harborctl_argv("top", "--interval", "0.3")
+    tmux.start("TERM=dumb " + shlex.join(argv), ctl_env(harbord.socket))
+    screen = tmux.wait_for(lambda s: "top exited" in s, "top to print once and exit")
+    assert "top exited 0" in screen, screen
+    assert all(row.search(screen) for row in BACKEND_ROWS), screen
+    assert "q quits" not in screen  # not the live view
+    assert not ANSI.search(tmux.screen(escapes=True)), "colour codes on a dumb terminal"
+    alternate = tmux("display", "-p", "-t", "top", "#{alternate_on}").strip()
+    assert alternate == "0"
 
 
 def test_top_exits_2_when_harbord_is_not_there(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import NoReturn, Protocol
 from harbord import __version__
 from harbord.client import HarborError, HarborUnavailable
 from harbord.config import default_socket
-from harbord.ctl import EX_FAILED, EX_UNREACHABLE, EX_USAGE, output
+from harbord.ctl import EX_FAILED, EX_UNREACHABLE, EX_USAGE, completion, output
 from harbord.ctl.commands import (
     chat,
     check,
@@ -58,6 +58,7 @@ COMMANDS: dict[str, Command] = {
     "top": top,
     "pull": pull,
     "setup": setup,
+    "completion": completion,
 }
 DEFAULT_COMMAND = "status"
 

@@ -1,6 +1,10 @@
 """Human output: aligned tables, durations, sizes, and colour only for a terminal.
 
-Colour is used when the stream is a TTY and NO_COLOR is unset or empty (no-color.org).
+Colour follows the common conventions, first match wins: NO_COLOR set and not empty
+means none (no-color.org; an explicit "no" beats a blanket "force", as in CPython 3.13);
+FORCE_COLOR set and not empty (force-color.org) or CLICOLOR_FORCE set and not "0"
+(bixense.com/clicolors) means colour even into a pipe; TERM=dumb means none; otherwise
+colour when the stream is a terminal.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, TextIO
 
 Style = Literal["bold", "dim", "red", "green", "yellow", "cyan"]
@@ -26,9 +30,20 @@ _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 HEALTH_STYLE: dict[str, Style] = {"up": "green", "degraded": "yellow", "down": "red"}
 
 
-def colour(stream: TextIO | None = None) -> bool:
-    stream = stream or sys.stdout
-    return stream.isatty() and not os.environ.get("NO_COLOR")
+def colour(stream: TextIO | None = None, env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR") or env.get("CLICOLOR_FORCE", "0") not in ("", "0"):
+        return True
+    if dumb_terminal(env):
+        return False
+    return (stream or sys.stdout).isatty()
+
+
+def dumb_terminal(env: Mapping[str, str] | None = None) -> bool:
+    """TERM=dumb: a terminal that takes no escape codes (Emacs shell, some CI logs)."""
+    return (os.environ if env is None else env).get("TERM") == "dumb"
 
 
 def paint(text: str, style: Style, stream: TextIO | None = None) -> str:

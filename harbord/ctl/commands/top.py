@@ -2,7 +2,7 @@
 
 On a terminal it takes the alternate screen and redraws every --interval seconds
 (at once after a resize); `q` or Ctrl-C quits and gives the terminal back as it was.
-When stdout is not a terminal, or with --once, it prints one plain snapshot. If
+When stdout is not a terminal, TERM is dumb, or with --once, it prints one plain snapshot. If
 harbord stops answering, the last view stays up under a warning and the next
 refresh tries again; only a first failure to connect ends it (exit 2).
 Requests/s is each backend's `served` count, differenced between two refreshes.
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
     first = fetch(daemon, args.last)  # HarborUnavailable here: main's exit 2
     if args.json:
         output.raw_json(first.raw)
-    elif args.once or not sys.stdout.isatty():
+    elif args.once or not sys.stdout.isatty() or output.dumb_terminal():
         print("\n".join(render(first, {}, time.time())))
     else:
         _live(daemon, args, first)
