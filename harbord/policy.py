@@ -1,31 +1,62 @@
 """The routing policy: a pure function from facts to an ordered plan with reasons.
 
-No I/O here. Everything the decision needs is passed in: the request's model
-and intent, a snapshot of each backend (health, inventory, memory), pins,
-affinity, the per-model rules and the clock. The result is data (`Plan`), so
-`harborctl route` shows exactly what a real request would do.
+No I/O here. Everything the decision needs is passed in: the request's model,
+intent and context, a snapshot of each backend (health, inventory, memory, load),
+pins, affinity, the per-model rules, the models' shapes and the clock. The result
+is data (`Plan`), so `harborctl route` shows exactly what a real request would do.
 
-Order of precedence, strongest first:
+Order of precedence, strongest first (each is one element of the sort key; the
+first element on which the first step beats the second is `Plan.rule`):
   1. cooling down (a refused connection): out of the plan until the prober
      sees the backend again;
   2. health: a backend that is down goes to the end, a degraded one after the
      healthy ones;
   3. inventory: a backend whose model list lacks the model goes to the end;
   4. pin (state, else the model's configured pin);
-  5. memory: a GPU backend too small for the model, or one where Ollama spilled
-     the model to system RAM, goes after the CPU backends (`fast` included);
-  6. affinity (`fast` only): the backend that served the model last;
-  7. intent: `fast` prefers GPU backends, `heavy` CPU backends;
-  8. the order of the backends in the configuration.
+  5. memory: a GPU backend where the model would not fit goes after the CPU
+     backends (`fast` included): its size over `max_model_size`/`vram`, or
+     weights + KV cache at the request's context over the GPU's memory budget;
+  6. spill: a GPU backend where Ollama spilled the model to system RAM (now, or
+     before at this context or a smaller one) goes after the CPU backends;
+  7. busy spill (`fast` only): when the first GPU backend is saturated, a CPU
+     backend that has the model goes first if it is expected to finish sooner;
+  8. intent: `fast` prefers GPU backends, `heavy` CPU backends;
+  9. affinity: among backends equal on all of the above, the one that served the
+     model last, until `affinity_ttl` after that answer;
+ 10. the order of the backends in the configuration.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from harbord.config import ModelRule
-from harbord.schemas import INTENTS, Affinity, BackendKind, Health, Intent, Pin, Plan, PlanStep
+from harbord.memory import (
+    OLLAMA_DEFAULT_CONTEXT,
+    effective_context,
+    estimate,
+    format_context,
+    format_gb,
+    format_gib,
+)
+from harbord.queueing import expected_finish_ms
+from harbord.schemas import (
+    INTENTS,
+    Affinity,
+    BackendEstimate,
+    BackendKind,
+    Health,
+    Intent,
+    KvCacheType,
+    MemoryBudget,
+    ModelFacts,
+    Pin,
+    PlacementRule,
+    Plan,
+    PlanStep,
+)
 
 
 class PolicyError(ValueError):
@@ -45,6 +76,17 @@ class BackendView:
     # Model name -> (size, size_vram) for models /api/ps shows partly off the GPU.
     spilled: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     memory_limit: int | None = None  # bytes; GPU backends only
+    # What the GPU can give one model, with the figure's source (memory.choose_budget).
+    budget: MemoryBudget | None = None
+    default_context: int = OLLAMA_DEFAULT_CONTEXT  # memory.default_context
+    kv_cache_type: KvCacheType = "f16"
+    parallel: int = 1  # requests one model serves at once (OLLAMA_NUM_PARALLEL)
+    in_flight: int = 0
+    queued: int = 0
+    # Model name -> moving average of a request's duration here, ms (queueing.ewma).
+    service_ms: Mapping[str, float] = field(default_factory=dict)
+    # Model name -> the smallest context it spilled at here (memory.update_spills).
+    spilled_contexts: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +95,7 @@ class RouteRequest:
     intent_header: str | None = None
     intent_body: str | None = None
     forced_backend: str | None = None
+    num_ctx: int | None = None  # options.num_ctx
 
 
 def normalize_model(name: str) -> str:
@@ -78,8 +121,41 @@ def resolve_intent(
     return default, "default"
 
 
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f} GB"
+# The sort key's elements, in order, named by the rule each one is.
+_RULES: tuple[PlacementRule, ...] = (
+    "health",
+    "inventory",
+    "pin",
+    "memory",
+    "spill",
+    "busy-spill",
+    "intent",
+    "affinity",
+    "order",
+)
+_BUSY = 5  # the key's busy-spill element
+_NO_FACTS: Mapping[str, ModelFacts] = MappingProxyType({})
+
+
+class _Ranked:
+    """One backend on its way into the plan."""
+
+    __slots__ = ("ctx", "finish", "key", "needs", "service", "step", "view")
+
+    def __init__(
+        self, key: tuple[int, ...], step: PlanStep, view: BackendView, ctx: int, needs: int | None
+    ) -> None:
+        self.key = key
+        self.step = step
+        self.view = view
+        self.ctx = ctx
+        self.needs = needs
+        self.finish: float | None = None
+        self.service: float | None = None
+
+
+def _sort_key(item: _Ranked) -> tuple[int, ...]:
+    return item.key
 
 
 def plan(
@@ -90,10 +166,23 @@ def plan(
     rules: Mapping[str, ModelRule],
     default_intent: Intent,
     now: float,
+    *,
+    model_facts: Mapping[str, ModelFacts] = _NO_FACTS,
+    affinity_ttl: float = 300.0,
+    cpu_slowdown: float = 6.0,
 ) -> Plan:
     model = normalize_model(request.model) if request.model else None
     rule = (rules.get(request.model) or rules.get(model)) if request.model and model else None
     intent, intent_source = resolve_intent(request, rule, default_intent)
+
+    pin_backend: str | None = None
+    pin_reason = ""
+    if model is not None:
+        pin = pins.get(model)
+        if pin is not None and pin.active(now):
+            pin_backend, pin_reason = pin.backend, f"pinned here: {pin.reason}"
+        elif rule is not None and rule.pin is not None:
+            pin_backend, pin_reason = rule.pin, "pinned here by the model's configuration"
 
     if request.forced_backend is not None:
         for view in backends:
@@ -104,20 +193,17 @@ def plan(
                     intent_source=intent_source,
                     steps=[PlanStep(view.name, ["forced by X-Harbor-Backend; no fallback"])],
                     forced=True,
+                    rule="forced",
+                    pinned=pin_backend,
+                    num_ctx=request.num_ctx,
                 )
         names = ", ".join(v.name for v in backends)
         raise PolicyError(f"unknown backend {request.forced_backend!r}; expected one of: {names}")
 
-    pin_backend: str | None = None
-    pin_reason = ""
-    if model is not None:
-        pin = pins.get(model)
-        if pin is not None and pin.active(now):
-            pin_backend, pin_reason = pin.backend, f"pinned here: {pin.reason}"
-        elif rule is not None and rule.pin is not None:
-            pin_backend, pin_reason = rule.pin, "pinned here by the model's configuration"
-    affine = affinity.get(model) if model is not None and intent == "fast" else None
-
+    affine = affinity.get(model) if model is not None else None
+    if affine is not None and affinity_expired(affine, now, affinity_ttl):
+        affine = None
+    facts = model_facts.get(model) if model is not None else None
     size = 0
     if model is not None:
         for view in backends:
@@ -126,13 +212,13 @@ def plan(
 
     preferred_kind: BackendKind = "gpu" if intent == "fast" else "cpu"
     notes: list[str] = []
-    ranked: list[tuple[tuple[int, ...], PlanStep]] = []
+    ranked: list[_Ranked] = []
     excluded: list[PlanStep] = []
     for index, view in enumerate(backends):
-        reasons: list[str] = []
         if view.cooldown:
             excluded.append(PlanStep(view.name, ["cooling down after a refused connection"]))
             continue
+        reasons: list[str] = []
         health_rank = {"down": 2, "degraded": 1}.get(view.health, 0)
         if health_rank:
             reasons.append(f"backend is {view.health}: moved back")
@@ -143,42 +229,188 @@ def plan(
         pinned = 0 if view.name == pin_backend else 1
         if not pinned:
             reasons.append(pin_reason)
-        memory = 0
+        ctx = effective_context(request.num_ctx or view.default_context, facts)
+        needs = estimate(facts, size, ctx, view.kv_cache_type, view.parallel) if size else None
+        memory = spill = 0
         if model is not None and view.kind == "gpu" and pinned:
-            spill = view.spilled.get(model)
+            budget = view.budget
             if size and view.memory_limit and size > view.memory_limit:
                 memory = 1
                 reasons.append(
-                    f"model size {_gb(size)} exceeds the {_gb(view.memory_limit)} limit: "
-                    "after CPU backends"
+                    f"model size {format_gb(size)} exceeds the {format_gb(view.memory_limit)} "
+                    "limit: after CPU backends"
                 )
                 notes.append(f"{model} is too large for {view.name}")
-            elif spill is not None:
+            elif needs is not None and budget is not None and needs > budget.bytes:
                 memory = 1
                 reasons.append(
-                    f"memory pressure: only {_gb(spill[1])} of {_gb(spill[0])} in VRAM: "
-                    "after CPU backends"
+                    f"needs {format_gb(needs)} at {format_context(ctx)} context, {view.name} has "
+                    f"{format_gib(budget.bytes)} ({budget.source}): after CPU backends"
+                )
+                notes.append(f"{model} at {format_context(ctx)} context does not fit {view.name}")
+            spilled = view.spilled.get(model)
+            spilled_at = view.spilled_contexts.get(model)
+            if spilled is not None:
+                spill = 1
+                reasons.append(
+                    f"memory pressure: only {format_gb(spilled[1])} of {format_gb(spilled[0])} "
+                    "in VRAM: after CPU backends"
                 )
                 notes.append(f"memory pressure on {view.name} for {model}")
-        affine_rank = 1
-        if affine is not None and affine.backend == view.name:
-            affine_rank = 0
-            reasons.append("affinity: served this model last")
+            elif spilled_at is not None and ctx >= spilled_at:
+                spill = 1
+                reasons.append(
+                    f"spilled to system RAM here at {format_context(spilled_at)} context, this "
+                    f"request needs {format_context(ctx)}: after CPU backends"
+                )
+                notes.append(f"{model} spilled on {view.name} at {format_context(spilled_at)}")
         kind_rank = 0 if view.kind == preferred_kind else 1
         reasons.append(
             f"{intent} intent prefers {preferred_kind}"
             if kind_rank == 0
             else f"{view.kind} fallback"
         )
-        key = (health_rank, missing, pinned, memory, affine_rank, kind_rank, index)
-        ranked.append((key, PlanStep(view.name, reasons)))
+        affine_rank = 1
+        if affine is not None and affine.backend == view.name:
+            affine_rank = 0
+            reasons.append("affinity: served this model last")
+        key = (health_rank, missing, pinned, memory, spill, 0, kind_rank, affine_rank, index)
+        ranked.append(_Ranked(key, PlanStep(view.name, reasons), view, ctx, needs))
 
-    ranked.sort(key=lambda item: item[0])
+    ranked.sort(key=_sort_key)
+    if model is not None and intent == "fast" and len(ranked) > 1:
+        _busy_spill(ranked, model, cpu_slowdown, notes)
+
     return Plan(
         model=model,
         intent=intent,
         intent_source=intent_source,
-        steps=[step for _, step in ranked],
+        steps=[item.step for item in ranked],
         excluded=excluded,
         notes=notes,
+        rule=_deciding_rule(ranked, excluded),
+        pinned=pin_backend,
+        num_ctx=request.num_ctx,
+        estimates=[_estimate_of(item) for item in ranked],
     )
+
+
+def _busy_spill(ranked: list[_Ranked], model: str, cpu_slowdown: float, notes: list[str]) -> None:
+    """A saturated first GPU: a CPU backend equal on everything stronger goes first
+    when it is expected to finish this request sooner."""
+    top = ranked[0]
+    gpu = top.view
+    gpu_ms = gpu.service_ms.get(model)
+    if gpu.kind != "gpu" or gpu.in_flight < gpu.parallel or not gpu_ms:
+        return
+    top.service = gpu_ms
+    top.finish = expected_finish_ms(gpu_ms, gpu.in_flight, gpu.queued, gpu.parallel)
+    stronger = top.key[:_BUSY]
+    best: _Ranked | None = None
+    best_finish = top.finish
+    for item in ranked[1:]:
+        cpu = item.view
+        if cpu.kind != "cpu" or item.key[:_BUSY] != stronger:
+            continue
+        if cpu.models is None or model not in cpu.models:
+            continue
+        item.service = cpu.service_ms.get(model) or gpu_ms * cpu_slowdown
+        item.finish = expected_finish_ms(item.service, cpu.in_flight, cpu.queued, cpu.parallel)
+        if item.finish < best_finish:
+            best, best_finish = item, item.finish
+    if best is None:
+        return
+    busy = (
+        f"{gpu.name} is busy ({gpu.in_flight} running, {gpu.queued} queued, "
+        f"{gpu.parallel} at once): done in ~{top.finish:.0f} ms there"
+    )
+    best.step.reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
+    for item in ranked:
+        if item is not best:
+            item.key = (*item.key[:_BUSY], 1, *item.key[_BUSY + 1 :])
+    top.step.reasons.insert(0, f"{busy}: after {best.view.name}")
+    notes.append(f"{gpu.name} is busy: {model} goes to {best.view.name}")
+    ranked.sort(key=_sort_key)
+
+
+def _deciding_rule(ranked: Sequence[_Ranked], excluded: Sequence[PlanStep]) -> PlacementRule:
+    if len(ranked) < 2:
+        return "health" if excluded else "order"
+    first, second = ranked[0].key, ranked[1].key
+    for rule, a, b in zip(_RULES, first, second, strict=True):
+        if a != b:
+            return rule
+    return "order"
+
+
+def _estimate_of(item: _Ranked) -> BackendEstimate:
+    view = item.view
+    budget = view.budget if view.kind == "gpu" else None
+    return BackendEstimate(
+        backend=view.name,
+        num_ctx=item.ctx,
+        needs=item.needs,
+        budget=budget.bytes if budget is not None else None,
+        budget_source=budget.source if budget is not None else None,
+        parallel=view.parallel,
+        in_flight=view.in_flight,
+        queued=view.queued,
+        service_ms=item.service,
+        expected_finish_ms=item.finish,
+    )
+
+
+# -- affinity: facts the daemon keeps, decided here -------------------------------
+
+
+def affinity_expired(entry: Affinity, now: float, ttl: float) -> bool:
+    """Past `ttl` after the last answer served there (keep-alive has unloaded it)."""
+    last = entry.last_served if entry.last_served is not None else entry.since
+    return now >= last + ttl
+
+
+def expired_affinities(affinity: Mapping[str, Affinity], now: float, ttl: float) -> list[str]:
+    """Models whose affinity the daemon can forget (the policy ignores them already)."""
+    return [model for model, entry in affinity.items() if affinity_expired(entry, now, ttl)]
+
+
+def affinities_to_drop(
+    affinity: Mapping[str, Affinity], views: Sequence[BackendView], came_up: str
+) -> list[str]:
+    """Models whose affinity to forget when backend `came_up` is healthy again.
+
+    Affinity only breaks ties between backends of one kind, so the ones it kept away
+    from `came_up` point at another backend of `came_up`'s kind. Affinities to a
+    backend that is no longer configured go too.
+    """
+    kinds = {view.name: view.kind for view in views}
+    kind = kinds.get(came_up)
+    return [
+        model
+        for model, entry in affinity.items()
+        if entry.backend not in kinds or (entry.backend != came_up and kinds[entry.backend] == kind)
+    ]
+
+
+def should_learn_affinity(plan: Plan, served_backend: str, forced: bool = False) -> bool:
+    """Learn affinity from an answer only where the plan chose to go on its own.
+
+    Not from a fallback (not the first step), a forced backend, a pinned model (the
+    operator's or an OOM pin's choice, not a fact about where the model lives), nor a
+    busy spill (a moment's load, not where the model stays loaded).
+    """
+    return (
+        not forced
+        and not plan.forced
+        and plan.pinned is None
+        and plan.rule != "busy-spill"
+        and bool(plan.steps)
+        and plan.steps[0].backend == served_backend
+    )
+
+
+def affinity_after_serve(current: Affinity | None, backend: str, now: float) -> Affinity:
+    """The affinity to keep after `backend` served the model at `now`."""
+    if current is not None and current.backend == backend:
+        return Affinity(backend=backend, since=current.since, last_served=now)
+    return Affinity(backend=backend, since=now, last_served=now)

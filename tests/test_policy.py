@@ -65,7 +65,8 @@ CASES = [
         {"pins": pin_to("gpu"), "rules": {"small": ModelRule(pin="cpu")}},
         ["gpu", "cpu"],
     ),
-    ("affinity on fast", {"affinity": affine("cpu")}, ["cpu", "gpu"]),
+    # Issue 11: affinity only breaks ties within a kind; it no longer outranks intent.
+    ("affinity never outranks intent", {"affinity": affine("cpu")}, ["gpu", "cpu"]),
     ("no affinity on heavy", {"intent": "heavy", "affinity": affine("gpu")}, ["cpu", "gpu"]),
     ("pin beats affinity", {"pins": pin_to("gpu"), "affinity": affine("cpu")}, ["gpu", "cpu"]),
     ("gpu down goes last", {"backends": (replace(GPU, health="down"), CPU)}, ["cpu", "gpu"]),
