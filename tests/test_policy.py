@@ -8,7 +8,17 @@ import msgspec
 import pytest
 
 from harbord.config import ModelRule
-from harbord.policy import BackendView, PolicyError, RouteRequest, normalize_model, plan
+from harbord.policy import (
+    BackendView,
+    PolicyError,
+    RouteRequest,
+    affinities_to_drop,
+    affinity_after_serve,
+    expired_affinities,
+    normalize_model,
+    plan,
+    should_learn_affinity,
+)
 from harbord.schemas import Affinity, MemoryBudget, ModelFacts, Pin, Plan
 
 NOW = 1_000_000.0
@@ -275,7 +285,10 @@ PLACEMENT_CASES: list[tuple[str, dict[str, object], list[str], str]] = [
     ),
     (
         "context capped at the model's trained length",
-        {"num_ctx": 65536, "facts": {LLAMA8B: msgspec.structs.replace(FACTS[LLAMA8B], context_length=8192)}},
+        {
+            "num_ctx": 65536,
+            "facts": {LLAMA8B: msgspec.structs.replace(FACTS[LLAMA8B], context_length=8192)},
+        },
         ["gpu", "cpu"],
         "intent",
     ),
@@ -550,3 +563,139 @@ def test_placement_order_and_rule(
 ) -> None:
     result = place(**kwargs)  # type: ignore[arg-type]
     assert (result.backends, result.rule) == (expected, rule)
+
+
+def step_reasons(result: Plan, backend: str) -> list[str]:
+    return next(s.reasons for s in result.steps if s.backend == backend)
+
+
+def test_memory_reason_carries_the_numbers() -> None:
+    result = place(num_ctx=65536)
+    # 4.9 GB + 8 GiB of KV cache + 0.5 GiB allowance = 14.0 GB
+    assert step_reasons(result, "gpu")[0] == (
+        "needs 14.0 GB at 64k context, gpu has 8 GiB (config): after CPU backends"
+    )
+    assert result.notes == ["llama3.1:8b at 64k context does not fit gpu"]
+    gpu = next(e for e in result.estimates if e.backend == "gpu")
+    assert (gpu.num_ctx, gpu.needs, gpu.budget, gpu.budget_source) == (
+        65536,
+        4_900_000_000 + 8 * GIB + 512 * 1024**2,
+        8 * GIB,
+        "config",
+    )
+    cpu = next(e for e in result.estimates if e.backend == "cpu")
+    # The cpu's parallel 2 doubles its cache; it has no budget to compare with.
+    assert (cpu.needs, cpu.budget, cpu.parallel) == (
+        4_900_000_000 + 16 * GIB + 512 * 1024**2,
+        None,
+        2,
+    )
+    assert result.num_ctx == 65536
+
+
+def test_estimates_follow_the_steps() -> None:
+    result = place(num_ctx=65536)
+    assert [e.backend for e in result.estimates] == result.backends
+
+
+def test_spill_reason_names_both_contexts() -> None:
+    gpu = replace(GPU8, budget=None, spilled_contexts={LLAMA8B: 32768})
+    result = place(num_ctx=65536, backends=(gpu, CPU2))
+    assert step_reasons(result, "gpu")[0] == (
+        "spilled to system RAM here at 32k context, this request needs 64k: after CPU backends"
+    )
+    assert result.notes == ["llama3.1:8b spilled on gpu at 32k"]
+
+
+def test_busy_spill_reasons_and_numbers() -> None:
+    result = place(backends=(replace(SATURATED, queued=5), CPU2))
+    assert step_reasons(result, "cpu")[0] == (
+        "gpu is busy (1 running, 5 queued, 1 at once): done in ~7000 ms there, ~6000 ms here: first"
+    )
+    assert step_reasons(result, "gpu")[0].endswith("done in ~7000 ms there: after cpu")
+    finish = {e.backend: (e.service_ms, e.expected_finish_ms) for e in result.estimates}
+    assert finish == {"cpu": (6000.0, 6000.0), "gpu": (1000.0, 7000.0)}
+    assert result.notes == ["gpu is busy: llama3.1:8b goes to cpu"]
+
+
+def test_no_busy_numbers_when_the_gpu_is_free() -> None:
+    result = place(backends=(replace(SATURATED, in_flight=0), CPU2))
+    assert all(e.expected_finish_ms is None for e in result.estimates)
+
+
+def test_forced_plan_records_the_pin() -> None:
+    result = place(forced="gpu", pins={LLAMA8B: Pin("cpu", "op", NOW)}, num_ctx=8192)
+    assert (result.forced, result.rule, result.pinned, result.num_ctx) == (
+        True,
+        "forced",
+        "cpu",
+        8192,
+    )
+
+
+# --- affinity helpers the daemon calls ----------------------------------------------
+
+
+def first_plan(**kwargs: object) -> Plan:
+    return place(**kwargs)  # type: ignore[arg-type]
+
+
+LEARN_CASES: list[tuple[str, Plan, str, bool, bool]] = [
+    # name, plan, served by, forced by the caller, learn?
+    ("first step served", first_plan(), "gpu", False, True),
+    ("fallback served", first_plan(), "cpu", False, False),
+    ("forced plan", first_plan(forced="gpu"), "gpu", False, False),
+    ("caller says forced", first_plan(), "gpu", True, False),
+    ("pinned model", first_plan(pins={LLAMA8B: Pin("gpu", "op", NOW)}), "gpu", False, False),
+    (
+        "expired pin",
+        first_plan(pins={LLAMA8B: Pin("cpu", "op", NOW - 1, NOW - 0.5)}),
+        "gpu",
+        False,
+        True,
+    ),
+    ("busy spill", first_plan(backends=(replace(SATURATED, queued=5), CPU2)), "cpu", False, False),
+    ("memory: cpu first", first_plan(num_ctx=65536), "cpu", False, True),
+    ("empty plan", first_plan(backends=(replace(GPU8, cooldown=True),)), "gpu", False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("result", "served", "forced", "learn"),
+    [c[1:] for c in LEARN_CASES],
+    ids=[c[0] for c in LEARN_CASES],
+)
+def test_should_learn_affinity(result: Plan, served: str, forced: bool, learn: bool) -> None:
+    assert should_learn_affinity(result, served, forced) is learn
+
+
+def test_affinity_after_serve_keeps_since_and_moves_last_served() -> None:
+    first = affinity_after_serve(None, "gpu", 100.0)
+    assert (first.backend, first.since, first.last_served) == ("gpu", 100.0, 100.0)
+    again = affinity_after_serve(first, "gpu", 200.0)
+    assert (again.since, again.last_served) == (100.0, 200.0)
+    moved = affinity_after_serve(again, "gpu2", 300.0)
+    assert (moved.backend, moved.since, moved.last_served) == ("gpu2", 300.0, 300.0)
+
+
+def test_expired_affinities() -> None:
+    affinity = {
+        "a:latest": Affinity("gpu", NOW - 1000, NOW - 10),
+        "b:latest": Affinity("gpu", NOW - 1000, NOW - 300),
+        "c:latest": Affinity("gpu", NOW - 299),
+        "d:latest": Affinity("gpu", NOW - 301),
+    }
+    assert expired_affinities(affinity, NOW, 300.0) == ["b:latest", "d:latest"]
+    assert expired_affinities(affinity, NOW, 0.0) == list(affinity)  # ttl 0: affinity off
+
+
+def test_affinities_to_drop_when_a_backend_comes_back() -> None:
+    views = (*gpus_and_cpu(), replace(CPU2, name="cpu2"))
+    affinity = {
+        "on-gpu2:latest": Affinity("gpu2", NOW),  # kept away from gpu: dropped
+        "on-gpu:latest": Affinity("gpu", NOW),  # points at the recovered one: kept
+        "on-cpu2:latest": Affinity("cpu2", NOW),  # another kind: no tie with gpu, kept
+        "gone:latest": Affinity("tpu", NOW),  # backend no longer configured: dropped
+    }
+    assert affinities_to_drop(affinity, views, came_up="gpu") == ["on-gpu2:latest", "gone:latest"]
+    assert affinities_to_drop(affinity, views, came_up="cpu") == ["on-cpu2:latest", "gone:latest"]
