@@ -34,12 +34,13 @@ from types import MappingProxyType
 
 from harbord.config import ModelRule
 from harbord.memory import (
+    ALLOWANCE,
+    KV_BYTES_PER_ELEMENT,
     OLLAMA_DEFAULT_CONTEXT,
-    effective_context,
-    estimate,
     format_context,
     format_gb,
     format_gib,
+    kv_elements_per_token,
 )
 from harbord.queueing import expected_finish_ms
 from harbord.schemas import (
@@ -135,27 +136,14 @@ _RULES: tuple[PlacementRule, ...] = (
 )
 _BUSY = 5  # the key's busy-spill element
 _NO_FACTS: Mapping[str, ModelFacts] = MappingProxyType({})
+_NO_LOAD: tuple[None, None] = (None, None)
 
 
-class _Ranked:
-    """One backend on its way into the plan."""
-
-    __slots__ = ("ctx", "finish", "key", "needs", "service", "step", "view")
-
-    def __init__(
-        self, key: tuple[int, ...], step: PlanStep, view: BackendView, ctx: int, needs: int | None
-    ) -> None:
-        self.key = key
-        self.step = step
-        self.view = view
-        self.ctx = ctx
-        self.needs = needs
-        self.finish: float | None = None
-        self.service: float | None = None
-
-
-def _sort_key(item: _Ranked) -> tuple[int, ...]:
-    return item.key
+_HEALTH_RANK: Mapping[str, int] = MappingProxyType({"down": 2, "degraded": 1})
+# One backend on its way into the plan: (sort key, step, view, context, bytes needed).
+# The key ends with the backend's index, so no two keys are equal and the sort
+# never compares the rest.
+_Ranked = tuple[tuple[int, ...], PlanStep, BackendView, int, int | None]
 
 
 def plan(
@@ -203,12 +191,14 @@ def plan(
     affine = affinity.get(model) if model is not None else None
     if affine is not None and affinity_expired(affine, now, affinity_ttl):
         affine = None
-    facts = model_facts.get(model) if model is not None else None
     size = 0
     if model is not None:
         for view in backends:
             if view.models is not None:
                 size = max(size, view.models.get(model, 0))
+    facts = model_facts.get(model) if model is not None and size else None
+    kv_per_token = kv_elements_per_token(facts) if facts is not None else 0
+    max_ctx = facts.context_length if facts is not None else 0
 
     preferred_kind: BackendKind = "gpu" if intent == "fast" else "cpu"
     notes: list[str] = []
@@ -219,7 +209,7 @@ def plan(
             excluded.append(PlanStep(view.name, ["cooling down after a refused connection"]))
             continue
         reasons: list[str] = []
-        health_rank = {"down": 2, "degraded": 1}.get(view.health, 0)
+        health_rank = _HEALTH_RANK.get(view.health, 0)
         if health_rank:
             reasons.append(f"backend is {view.health}: moved back")
         missing = 0
@@ -229,8 +219,14 @@ def plan(
         pinned = 0 if view.name == pin_backend else 1
         if not pinned:
             reasons.append(pin_reason)
-        ctx = effective_context(request.num_ctx or view.default_context, facts)
-        needs = estimate(facts, size, ctx, view.kv_cache_type, view.parallel) if size else None
+        # Ollama caps the context at the model's trained length (memory.effective_context).
+        ctx = request.num_ctx or view.default_context
+        if 0 < max_ctx < ctx:
+            ctx = max_ctx
+        needs: int | None = None
+        if size:  # memory.estimate, inlined: this loop is on every request's path
+            kv_bytes = KV_BYTES_PER_ELEMENT[view.kv_cache_type]
+            needs = size + int(kv_per_token * ctx * view.parallel * kv_bytes) + ALLOWANCE
         memory = spill = 0
         if model is not None and view.kind == "gpu" and pinned:
             budget = view.budget
@@ -243,13 +239,14 @@ def plan(
                 notes.append(f"{model} is too large for {view.name}")
             elif needs is not None and budget is not None and needs > budget.bytes:
                 memory = 1
+                context = format_context(ctx)
                 reasons.append(
-                    f"needs {format_gb(needs)} at {format_context(ctx)} context, {view.name} has "
+                    f"needs {format_gb(needs)} at {context} context, {view.name} has "
                     f"{format_gib(budget.bytes)} ({budget.source}): after CPU backends"
                 )
-                notes.append(f"{model} at {format_context(ctx)} context does not fit {view.name}")
-            spilled = view.spilled.get(model)
-            spilled_at = view.spilled_contexts.get(model)
+                notes.append(f"{model} at {context} context does not fit {view.name}")
+            spilled = view.spilled.get(model) if view.spilled else None
+            spilled_at = view.spilled_contexts.get(model) if view.spilled_contexts else None
             if spilled is not None:
                 spill = 1
                 reasons.append(
@@ -275,88 +272,99 @@ def plan(
             affine_rank = 0
             reasons.append("affinity: served this model last")
         key = (health_rank, missing, pinned, memory, spill, 0, kind_rank, affine_rank, index)
-        ranked.append(_Ranked(key, PlanStep(view.name, reasons), view, ctx, needs))
+        ranked.append((key, PlanStep(view.name, reasons), view, ctx, needs))
 
-    ranked.sort(key=_sort_key)
-    if model is not None and intent == "fast" and len(ranked) > 1:
-        _busy_spill(ranked, model, cpu_slowdown, notes)
+    ranked.sort()
+    load: dict[str, tuple[float, float]] = {}
+    top = ranked[0][2] if ranked else None
+    if top is not None and top.in_flight >= top.parallel and intent == "fast" and model:
+        _busy_spill(ranked, model, cpu_slowdown, notes, load)
 
     return Plan(
         model=model,
         intent=intent,
         intent_source=intent_source,
-        steps=[item.step for item in ranked],
+        steps=[item[1] for item in ranked],
         excluded=excluded,
         notes=notes,
         rule=_deciding_rule(ranked, excluded),
         pinned=pin_backend,
         num_ctx=request.num_ctx,
-        estimates=[_estimate_of(item) for item in ranked],
+        estimates=[_estimate_of(item, load) for item in ranked],
     )
 
 
-def _busy_spill(ranked: list[_Ranked], model: str, cpu_slowdown: float, notes: list[str]) -> None:
+def _busy_spill(
+    ranked: list[_Ranked],
+    model: str,
+    cpu_slowdown: float,
+    notes: list[str],
+    load: dict[str, tuple[float, float]],
+) -> None:
     """A saturated first GPU: a CPU backend equal on everything stronger goes first
-    when it is expected to finish this request sooner."""
-    top = ranked[0]
-    gpu = top.view
+    when it is expected to finish this request sooner. Fills `load` with each
+    backend's (service time, expected finish) it looked at."""
+    top_key, top_step, gpu = ranked[0][:3]
     gpu_ms = gpu.service_ms.get(model)
-    if gpu.kind != "gpu" or gpu.in_flight < gpu.parallel or not gpu_ms:
+    if gpu.kind != "gpu" or gpu.in_flight < gpu.parallel or not gpu_ms or len(ranked) < 2:
         return
-    top.service = gpu_ms
-    top.finish = expected_finish_ms(gpu_ms, gpu.in_flight, gpu.queued, gpu.parallel)
-    stronger = top.key[:_BUSY]
+    gpu_finish = expected_finish_ms(gpu_ms, gpu.in_flight, gpu.queued, gpu.parallel)
+    load[gpu.name] = (gpu_ms, gpu_finish)
+    stronger = top_key[:_BUSY]
     best: _Ranked | None = None
-    best_finish = top.finish
+    best_finish = gpu_finish
     for item in ranked[1:]:
-        cpu = item.view
-        if cpu.kind != "cpu" or item.key[:_BUSY] != stronger:
+        cpu = item[2]
+        if cpu.kind != "cpu" or item[0][:_BUSY] != stronger:
             continue
         if cpu.models is None or model not in cpu.models:
             continue
-        item.service = cpu.service_ms.get(model) or gpu_ms * cpu_slowdown
-        item.finish = expected_finish_ms(item.service, cpu.in_flight, cpu.queued, cpu.parallel)
-        if item.finish < best_finish:
-            best, best_finish = item, item.finish
+        service = cpu.service_ms.get(model) or gpu_ms * cpu_slowdown
+        finish = expected_finish_ms(service, cpu.in_flight, cpu.queued, cpu.parallel)
+        load[cpu.name] = (service, finish)
+        if finish < best_finish:
+            best, best_finish = item, finish
     if best is None:
         return
     busy = (
         f"{gpu.name} is busy ({gpu.in_flight} running, {gpu.queued} queued, "
-        f"{gpu.parallel} at once): done in ~{top.finish:.0f} ms there"
+        f"{gpu.parallel} at once): done in ~{gpu_finish:.0f} ms there"
     )
-    best.step.reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
-    for item in ranked:
+    best[1].reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
+    top_step.reasons.insert(0, f"{busy}: after {best[2].name}")
+    notes.append(f"{gpu.name} is busy: {model} goes to {best[2].name}")
+    for i, item in enumerate(ranked):
         if item is not best:
-            item.key = (*item.key[:_BUSY], 1, *item.key[_BUSY + 1 :])
-    top.step.reasons.insert(0, f"{busy}: after {best.view.name}")
-    notes.append(f"{gpu.name} is busy: {model} goes to {best.view.name}")
-    ranked.sort(key=_sort_key)
+            key = item[0]
+            ranked[i] = ((*key[:_BUSY], 1, *key[_BUSY + 1 :]), *item[1:])
+    ranked.sort()
 
 
 def _deciding_rule(ranked: Sequence[_Ranked], excluded: Sequence[PlanStep]) -> PlacementRule:
     if len(ranked) < 2:
         return "health" if excluded else "order"
-    first, second = ranked[0].key, ranked[1].key
+    first, second = ranked[0][0], ranked[1][0]
     for rule, a, b in zip(_RULES, first, second, strict=True):
         if a != b:
             return rule
     return "order"
 
 
-def _estimate_of(item: _Ranked) -> BackendEstimate:
-    view = item.view
+def _estimate_of(item: _Ranked, load: Mapping[str, tuple[float, float]]) -> BackendEstimate:
+    _, _, view, ctx, needs = item
     budget = view.budget if view.kind == "gpu" else None
+    service, finish = load.get(view.name) or _NO_LOAD
     return BackendEstimate(
-        backend=view.name,
-        num_ctx=item.ctx,
-        needs=item.needs,
-        budget=budget.bytes if budget is not None else None,
-        budget_source=budget.source if budget is not None else None,
-        parallel=view.parallel,
-        in_flight=view.in_flight,
-        queued=view.queued,
-        service_ms=item.service,
-        expected_finish_ms=item.finish,
+        view.name,
+        ctx,
+        needs,
+        budget.bytes if budget is not None else None,
+        budget.source if budget is not None else None,
+        view.parallel,
+        view.in_flight,
+        view.queued,
+        service,
+        finish,
     )
 
 
