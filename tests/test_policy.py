@@ -7,18 +7,14 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from harbord.config import ModelRule
-from harbord.policy import (
-    BackendView,
-    PolicyError,
-    RouteRequest,
+from harbord.affinity import (
     affinities_to_drop,
     affinity_after_serve,
     expired_affinities,
-    normalize_model,
-    plan,
     should_learn_affinity,
 )
+from harbord.config import ModelRule
+from harbord.policy import BackendView, PolicyError, RouteRequest, normalize_model, plan
 from harbord.schemas import Affinity, MemoryBudget, ModelFacts, Pin, Plan
 
 NOW = 1_000_000.0
