@@ -6,10 +6,15 @@ policy compares (busy spill) and the order a backend's limiter serves its queue.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from harbord.schemas import Intent
+
+T = TypeVar("T")
 
 # The weight of the newest sample in the moving average: about the last five
 # requests count, so a model that became slower (longer prompts, a reload) shows
@@ -62,3 +67,36 @@ def serve_order(waiting: Sequence[tuple[Intent, float]], fast_head_start: float)
     """Indexes of (intent, arrival time) waiters in the order they are to be served."""
     keys = [wait_key(intent, at, i, fast_head_start) for i, (intent, at) in enumerate(waiting)]
     return [key.seq for key in sorted(keys)]
+
+
+class WaitQueue(Generic[T]):
+    """A limiter's waiting requests, handed out in `wait_key` order (a heap).
+
+    No clock and no I/O: the caller passes the time of arrival, so the order can be
+    tested as data. `remove` serves a waiter that gave up (timeout, cancelled).
+    """
+
+    def __init__(self, fast_head_start: float) -> None:
+        self.fast_head_start = fast_head_start
+        self._heap: list[tuple[WaitKey, T]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, item: T, intent: Intent, arrived: float) -> None:
+        key = wait_key(intent, arrived, next(self._seq), self.fast_head_start)
+        heapq.heappush(self._heap, (key, item))
+
+    def pop(self) -> T:
+        """The next waiter to serve; IndexError when none waits."""
+        return heapq.heappop(self._heap)[1]
+
+    def remove(self, item: T) -> bool:
+        for index, (_, waiting) in enumerate(self._heap):
+            if waiting is item:
+                self._heap[index] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                return True
+        return False

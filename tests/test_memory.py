@@ -25,7 +25,7 @@ from harbord.memory import (
     spill_budget,
     update_spills,
 )
-from harbord.queueing import ewma, expected_finish_ms, serve_order, wait_key
+from harbord.queueing import WaitQueue, ewma, expected_finish_ms, serve_order, wait_key
 from harbord.schemas import GpuMemory, MemoryBudget, ModelFacts, PsModel
 
 # /api/show model_info of llama3.1:8b, trimmed to what matters and a few keys around it.
@@ -422,3 +422,27 @@ def test_heavy_never_starves() -> None:
     heavy = wait_key("heavy", 0.0, 0, 10.0)
     fast_ahead = [t for t in range(100) if wait_key("fast", float(t), t + 1, 10.0) < heavy]
     assert fast_ahead == list(range(10))
+
+
+def test_wait_queue_serves_fast_first_and_ages_heavy() -> None:
+    queue: WaitQueue[str] = WaitQueue(fast_head_start=10.0)
+    queue.push("heavy-0", "heavy", 0.0)
+    queue.push("fast-1", "fast", 1.0)
+    queue.push("fast-5", "fast", 5.0)
+    queue.push("fast-13", "fast", 13.0)  # arrived after heavy-0 and heavy-2 had waited 10 s
+    queue.push("heavy-2", "heavy", 2.0)
+    assert len(queue) == 5
+    assert [queue.pop() for _ in range(5)] == ["fast-1", "fast-5", "heavy-0", "heavy-2", "fast-13"]
+    with pytest.raises(IndexError):
+        queue.pop()
+
+
+def test_wait_queue_remove() -> None:
+    queue: WaitQueue[object] = WaitQueue(fast_head_start=10.0)
+    waiters = [object() for _ in range(4)]
+    for i, waiter in enumerate(waiters):
+        queue.push(waiter, "fast" if i % 2 else "heavy", float(i))
+    assert queue.remove(waiters[1]) is True
+    assert queue.remove(waiters[1]) is False  # gone already
+    assert queue.remove(object()) is False
+    assert [queue.pop() for _ in range(3)] == [waiters[3], waiters[0], waiters[2]]

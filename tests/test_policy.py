@@ -695,3 +695,22 @@ def test_affinities_to_drop_when_a_backend_comes_back() -> None:
     }
     assert affinities_to_drop(affinity, views, came_up="gpu") == ["on-gpu2:latest", "gone:latest"]
     assert affinities_to_drop(affinity, views, came_up="cpu") == ["on-cpu2:latest", "gone:latest"]
+
+
+def test_plan_with_placement_numbers_round_trips_as_json() -> None:
+    """`harborctl route`/`explain` read the plan back from the daemon's JSON."""
+    result = place(num_ctx=65536, backends=(replace(SATURATED, queued=5), CPU2))
+    again = msgspec.json.decode(msgspec.json.encode(result), type=Plan)
+    assert again == result
+    assert again.rule == "memory"
+    assert {e.backend: e.needs for e in again.estimates} == {
+        e.backend: e.needs for e in result.estimates
+    }
+    old = msgspec.json.decode(
+        b'{"model":"m","intent":"fast","intent_source":"default","steps":[]}', type=Plan
+    )
+    assert (old.rule, old.estimates, old.pinned) == (
+        "intent",
+        [],
+        None,
+    )  # older decisions still decode
