@@ -90,7 +90,7 @@ class Plan(msgspec.Struct):
     forced: bool = False
     notes: list[str] = []
     # Which rule put the first step first (see policy.py), for /metrics and `route`.
-    rule: PlacementRule = "intent"
+    rule: PlacementRule = "order"
     pinned: str | None = None  # the backend the model is pinned to, if any
     num_ctx: int | None = None  # the request's options.num_ctx
     estimates: list[BackendEstimate] = []  # per backend, in the order of `steps`
@@ -174,6 +174,12 @@ class BackendStatus(msgspec.Struct):
     unit_status: UnitStatus | None = None
     served: int = 0
     ttfb_p50_ms: float | None = None  # over the recent requests this backend served
+    # Placement (issue 11): the memory figure used and its source, the parallel
+    # capacity, the spills learned (model -> context) and recent durations (model -> ms).
+    memory_budget: MemoryBudget | None = None
+    parallel: int = 1
+    spilled_contexts: dict[str, int] = {}
+    service_ms: dict[str, float] = {}
 
 
 class Counters(msgspec.Struct):
