@@ -710,7 +710,7 @@ def test_plan_with_placement_numbers_round_trips_as_json() -> None:
         b'{"model":"m","intent":"fast","intent_source":"default","steps":[]}', type=Plan
     )
     assert (old.rule, old.estimates, old.pinned) == (
-        "intent",
+        "order",
         [],
         None,
     )  # older decisions still decode
