@@ -15,11 +15,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from harbord.schemas import BackendKind, Intent
+from harbord.schemas import BackendKind, Intent, KvCacheType
 
 # Names that end up in unit names, URLs and file paths: keep them boring.
 # \Z, not $: $ also matches before a trailing newline.
@@ -116,8 +116,18 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: int = 0  # 0: no limit
     max_queue: int = 64
     queue_timeout: Seconds = Seconds(30)
+    # Requests one loaded model serves at once: the unit's OLLAMA_NUM_PARALLEL.
+    # 0: as the shipped units set it, 1 for a gpu backend, 2 for a cpu one.
+    parallel: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # The context of a request without options.num_ctx: the unit's
+    # OLLAMA_CONTEXT_LENGTH. None: Ollama's own default (memory.ollama_default_context).
+    default_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes.
+    kv_cache_type: KvCacheType = "f16"
 
     def __post_init__(self) -> None:
+        if self.parallel == 0:
+            self.parallel = 1 if self.kind == "gpu" else 2
         if not re.match(r"^https?://[^/\s]+/?$", self.url):
             raise ValueError(f"url: expected http://host:port, got {self.url!r}")
         self.url = self.url.rstrip("/")
@@ -145,6 +155,15 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     inventory_interval: Seconds = Seconds(30)
     # Consecutive timed-out probes after which a backend counts as hung.
     hung_after_probes: int = 3
+    # Affinity keeps a model where it last ran for as long as the backend's
+    # keep-alive (OLLAMA_KEEP_ALIVE, 5m) keeps it loaded there.
+    affinity_ttl: Seconds = Seconds(300)
+    # How many times longer a request takes on a cpu backend than on a gpu one,
+    # until the cpu backend has served that model and its own times are known.
+    cpu_slowdown: Annotated[float, msgspec.Meta(gt=0)] = 6.0
+    # A waiting `fast` request goes before a `heavy` one that arrived up to this
+    # much earlier; a `heavy` one that waited longer goes first (no starving).
+    fast_head_start: Seconds = Seconds(10)
 
 
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):

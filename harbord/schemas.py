@@ -60,7 +60,10 @@ class Pin(msgspec.Struct, omit_defaults=True):
 
 class Affinity(msgspec.Struct):
     backend: str
-    since: float
+    since: float  # when the model was first served there
+    # The last answer it served there: affinity expires `routing.affinity_ttl` after
+    # it, as the backend's keep-alive unloads an idle model. None: `since` counts.
+    last_served: float | None = None
 
 
 class StateFile(msgspec.Struct):
@@ -86,6 +89,11 @@ class Plan(msgspec.Struct):
     excluded: list[PlanStep] = []
     forced: bool = False
     notes: list[str] = []
+    # Which rule put the first step first (see policy.py), for /metrics and `route`.
+    rule: PlacementRule = "order"
+    pinned: str | None = None  # the backend the model is pinned to, if any
+    num_ctx: int | None = None  # the request's options.num_ctx
+    estimates: list[BackendEstimate] = []  # per backend, in the order of `steps`
 
     @property
     def backends(self) -> list[str]:
@@ -166,6 +174,12 @@ class BackendStatus(msgspec.Struct):
     unit_status: UnitStatus | None = None
     served: int = 0
     ttfb_p50_ms: float | None = None  # over the recent requests this backend served
+    # Placement (issue 11): the memory figure used and its source, the parallel
+    # capacity, the spills learned (model -> context) and recent durations (model -> ms).
+    memory_budget: MemoryBudget | None = None
+    parallel: int = 1
+    spilled_contexts: dict[str, int] = {}
+    service_ms: dict[str, float] = {}
 
 
 class Counters(msgspec.Struct):
@@ -237,3 +251,68 @@ class Ps(msgspec.Struct):
 
 class Version(msgspec.Struct):
     version: str = ""
+
+
+# --- placement facts (issue 11) ----------------------------------------------
+
+KvCacheType = Literal["f16", "q8_0", "q4_0"]
+# The rule that decided a plan, strongest first (policy.py); "order" = the
+# configuration's order, or the only backend left.
+PlacementRule = Literal[
+    "forced",
+    "health",
+    "inventory",
+    "pin",
+    "memory",
+    "spill",
+    "busy-spill",
+    "intent",
+    "affinity",
+    "order",
+]
+BudgetSource = Literal["config", "journal", "sysfs", "nvidia-smi", "/api/ps"]
+
+
+class ModelFacts(msgspec.Struct, frozen=True):
+    """What the KV-cache estimate needs from `/api/show`'s `model_info`."""
+
+    architecture: str
+    block_count: int
+    embedding_length: int
+    head_count: int
+    head_count_kv: int
+    # Per-head key and value widths where the model states them (0: embedding / heads).
+    key_length: int = 0
+    value_length: int = 0
+    context_length: int = 0  # the longest context the model was trained for; 0: unknown
+
+
+class GpuMemory(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One GPU's memory as one source reports it, in bytes."""
+
+    total: int
+    available: int | None = None
+    name: str = ""
+
+
+class MemoryBudget(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The memory a GPU backend can give one model, and where the figure came from."""
+
+    bytes: int
+    source: BudgetSource
+    detail: str = ""  # e.g. the device name, or the model whose spill showed it
+
+
+class BackendEstimate(msgspec.Struct, omit_defaults=True):
+    """The numbers behind one backend's place in a plan (`harborctl route`, `explain`)."""
+
+    backend: str
+    num_ctx: int  # the context the estimate is for
+    needs: int | None = None  # bytes: weights + KV cache + allowance; None: size unknown
+    budget: int | None = None  # bytes the backend can give the model (GPU backends)
+    budget_source: BudgetSource | None = None
+    parallel: int = 1
+    in_flight: int = 0
+    queued: int = 0
+    service_ms: float | None = None  # recent duration of this model here (moving average)
+    expected_finish_ms: float | None = None

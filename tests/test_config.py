@@ -171,3 +171,58 @@ def test_parse_size(raw: object, size: int) -> None:
 def test_parse_duration_rejects(raw: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(raw)
+
+
+def test_placement_keys_default(tmp_path: Path) -> None:
+    cfg = load(env=env_for(tmp_path))
+    gpu, cpu = cfg.backends["gpu"], cfg.backends["cpu"]
+    # As the shipped units set OLLAMA_NUM_PARALLEL.
+    assert (gpu.parallel, cpu.parallel) == (1, 2)
+    # None: Ollama's own default context (memory.ollama_default_context).
+    assert (gpu.default_context, gpu.kv_cache_type) == (None, "f16")
+    assert cfg.routing.affinity_ttl == 300  # Ollama's keep-alive, 5m
+    assert cfg.routing.cpu_slowdown == 6.0
+    assert cfg.routing.fast_head_start == 10
+
+
+def test_placement_keys_from_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[routing]\naffinity_ttl = "10m"\ncpu_slowdown = 4.5\nfast_head_start = "2s"\n'
+        '[backends.gpu]\nparallel = 4\ndefault_context = 65536\nkv_cache_type = "q8_0"\n'
+        "[backends.cpu]\nparallel = 0\n",
+    )
+    cfg = load(Overrides(config=str(path)), env=env_for(tmp_path))
+    gpu = cfg.backends["gpu"]
+    assert (gpu.parallel, gpu.default_context, gpu.kv_cache_type) == (4, 65536, "q8_0")
+    assert cfg.backends["cpu"].parallel == 2  # 0: the kind's default
+    assert (cfg.routing.affinity_ttl, cfg.routing.cpu_slowdown) == (600, 4.5)
+    assert cfg.routing.fast_head_start == 2
+    # An environment URL override keeps them.
+    cfg = load(
+        Overrides(config=str(path)),
+        env=env_for(tmp_path, OLLAMA_GPU_URL="http://127.0.0.1:9"),
+    )
+    assert (cfg.backends["gpu"].parallel, cfg.backends["gpu"].kv_cache_type) == (4, "q8_0")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "what"),
+    [
+        ("[backends.gpu]\nparallel = -1\n", "backends.gpu.parallel", ">= 0"),
+        ('[backends.gpu]\nparallel = "two"\n', "backends.gpu.parallel", "Expected `int`"),
+        ("[backends.cpu]\ndefault_context = 0\n", "backends.cpu.default_context", ">= 1"),
+        ('[backends.gpu]\nkv_cache_type = "q5_1"\n', "backends.gpu.kv_cache_type", "Invalid enum"),
+        ("[routing]\ncpu_slowdown = 0\n", "routing.cpu_slowdown", "> 0"),
+        ('[routing]\naffinity_ttl = "soon"\n', "routing.affinity_ttl", "expected a duration"),
+        ("[routing]\nfast_head_start = -1\n", "routing.fast_head_start", "expected a duration"),
+    ],
+)
+def test_placement_key_errors(tmp_path: Path, text: str, key: str, what: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(Overrides(config=str(path)), env=env_for(tmp_path))
+    message = str(err.value)
+    assert message.startswith(str(path))
+    assert f"'{key}'" in message
+    assert what in message

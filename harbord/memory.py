@@ -1,0 +1,299 @@
+"""What a model needs in memory, what a GPU has, and how to say both: pure functions.
+
+The daemon gathers the raw facts (`/api/show`, the GPU unit's journal, sysfs,
+`nvidia-smi`, `/api/ps`); this module turns them into numbers the policy compares.
+No I/O here.
+
+A model loaded by Ollama takes its weights (the `size` in `/api/tags`), a KV cache
+of K and V for every layer and every token of the context, per parallel slot
+(Ollama sizes the cache for `num_ctx * OLLAMA_NUM_PARALLEL` tokens), and a compute
+graph plus the GPU runtime's own buffers (`ALLOWANCE`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from harbord.schemas import GpuMemory, KvCacheType, MemoryBudget, ModelFacts, PsModel
+
+GIB = 1024**3
+MIB = 1024**2
+
+# Bytes per KV-cache element: f16 is 2; ggml's q8_0 stores a block of 32 values in
+# 34 bytes (32 int8 + an f16 scale), q4_0 in 18 (16 bytes of nibbles + the scale).
+KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+# Beyond weights and KV cache: the compute graph for one batch (Ollama's num_batch
+# 512: a few hundred MiB for 7-14B models) and the CUDA/ROCm context. Ollama's own
+# estimate adds both; half a GiB is a modest, round figure for the models that fit a
+# desktop GPU, and a miss here is what spill learning (update_spills) corrects.
+ALLOWANCE = 512 * MIB
+
+# Ollama's default context when neither num_ctx nor OLLAMA_CONTEXT_LENGTH says
+# (docs: "The default context length in Ollama is 4096 tokens"); current servers
+# raise it with the GPU's memory (ollama_default_context).
+OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+# -- model facts and the estimate ---------------------------------------------
+
+
+def _int(info: Mapping[str, object], key: str) -> int:
+    """An integer field; a per-layer list (some architectures) counts by its largest."""
+    value = info.get(key)
+    if isinstance(value, list):
+        value = max((v for v in value if isinstance(v, int)), default=0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value)
+
+
+def parse_model_info(model_info: Mapping[str, object]) -> ModelFacts | None:
+    """`/api/show`'s `model_info` -> ModelFacts; None when the shape facts are missing.
+
+    Keys carry the architecture as a prefix (`llama.block_count`); a model without
+    `head_count_kv` uses one KV head per attention head (no grouped-query attention).
+    """
+    arch = model_info.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        return None
+    blocks = _int(model_info, f"{arch}.block_count")
+    width = _int(model_info, f"{arch}.embedding_length")
+    heads = _int(model_info, f"{arch}.attention.head_count")
+    if blocks <= 0 or width <= 0 or heads <= 0:
+        return None
+    return ModelFacts(
+        architecture=arch,
+        block_count=blocks,
+        embedding_length=width,
+        head_count=heads,
+        head_count_kv=_int(model_info, f"{arch}.attention.head_count_kv") or heads,
+        key_length=_int(model_info, f"{arch}.attention.key_length"),
+        value_length=_int(model_info, f"{arch}.attention.value_length"),
+        context_length=_int(model_info, f"{arch}.context_length"),
+    )
+
+
+def kv_elements_per_token(facts: ModelFacts) -> int:
+    """K and V values one token keeps, over all layers."""
+    head_width = facts.embedding_length // facts.head_count
+    key = facts.key_length or head_width
+    value = facts.value_length or head_width
+    return facts.block_count * facts.head_count_kv * (key + value)
+
+
+def kv_cache_bytes(facts: ModelFacts, num_ctx: int, kv_type: KvCacheType, parallel: int = 1) -> int:
+    return int(kv_elements_per_token(facts) * num_ctx * parallel * KV_BYTES_PER_ELEMENT[kv_type])
+
+
+def effective_context(num_ctx: int, facts: ModelFacts | None) -> int:
+    """Ollama caps a request's context at the model's trained length."""
+    if facts is not None and 0 < facts.context_length < num_ctx:
+        return facts.context_length
+    return num_ctx
+
+
+def estimate(
+    facts: ModelFacts | None,
+    weights: int,
+    num_ctx: int,
+    kv_type: KvCacheType = "f16",
+    parallel: int = 1,
+) -> int:
+    """Bytes the model takes loaded at `num_ctx`: weights + KV cache + ALLOWANCE.
+
+    Without facts (no `/api/show` yet) the KV cache is left out: a low estimate
+    never keeps a model off a GPU it would fit.
+    """
+    kv = 0 if facts is None else kv_cache_bytes(facts, num_ctx, kv_type, parallel)
+    return weights + kv + ALLOWANCE
+
+
+def ollama_default_context(gpu_total: int | None) -> int:
+    """Ollama's default context for a server with this much GPU memory (None/0: none).
+
+    Current servers pick it from VRAM: 4k under 24 GiB, 32k under 48 GiB, 256k above.
+    """
+    if not gpu_total or gpu_total < 24 * GIB:
+        return OLLAMA_DEFAULT_CONTEXT
+    return 32768 if gpu_total < 48 * GIB else 262144
+
+
+def default_context(configured: int | None, gpu_total: int | None) -> int:
+    """A backend's context for requests without `num_ctx` (BackendView.default_context)."""
+    return configured if configured else ollama_default_context(gpu_total)
+
+
+# -- spills learned -------------------------------------------------------------
+
+
+def update_spills(
+    known: Mapping[str, int], model: str, context_length: int, size: int, size_vram: int
+) -> dict[str, int]:
+    """Learn from one `/api/ps` entry of a GPU backend: model -> smallest context that spilled.
+
+    Partly off the GPU (0 < size_vram < size): remember the context. Wholly on the
+    GPU at a context at least as large as the one remembered: it fits now (another
+    model was unloaded, the budget grew): forget it.
+    """
+    if context_length <= 0 or size <= 0:
+        return dict(known)
+    learned = dict(known)
+    previous = learned.get(model)
+    if 0 < size_vram < size:
+        learned[model] = context_length if previous is None else min(previous, context_length)
+    elif size_vram >= size and previous is not None and context_length >= previous:
+        del learned[model]
+    return learned
+
+
+# -- GPU memory figures -----------------------------------------------------------
+
+_HUMAN_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": MIB,
+    "gib": GIB,
+    "tib": 1024**4,
+}
+_HUMAN_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*")
+# slog's text handler: key=value, the value quoted (Go escapes) when it has spaces.
+_PAIR_RE = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_human_bytes(text: str) -> int | None:
+    """Ollama's printed sizes ("23.6 GiB", "582.4 MiB", "0 B", "4.9 GB") -> bytes."""
+    match = _HUMAN_RE.fullmatch(text)
+    if match is None or match.group(2).lower() not in _HUMAN_UNITS:
+        return None
+    return int(float(match.group(1)) * _HUMAN_UNITS[match.group(2).lower()])
+
+
+def _slog_fields(line: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for key, raw in _PAIR_RE.findall(line):
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        fields[key] = raw
+    return fields
+
+
+def parse_inference_compute(lines: Iterable[str]) -> list[GpuMemory]:
+    """The GPUs in Ollama's start-up lines `msg="inference compute" ... total=".." available=".."`.
+
+    One line per device; journal prefixes are ignored. `library=cpu` lines (no GPU
+    found) are left out. Only the last start's lines count: a line whose `id` was
+    seen already begins a new start.
+    """
+    devices: dict[str, GpuMemory] = {}
+    for line in lines:
+        if 'msg="inference compute"' not in line:
+            continue
+        fields = _slog_fields(line)
+        if fields.get("library", "").lower() == "cpu":
+            devices.clear()  # a start that found no GPU supersedes older ones
+            continue
+        total = parse_human_bytes(fields.get("total", ""))
+        if not total:
+            continue
+        device_id = fields.get("id", "")
+        if device_id in devices:
+            devices.clear()  # the same device again: the server started anew
+        name = fields.get("description") or fields.get("name", "")
+        devices[device_id] = GpuMemory(
+            total=total, available=parse_human_bytes(fields.get("available", "")), name=name
+        )
+    return list(devices.values())
+
+
+def parse_sysfs_vram(total_text: str, used_text: str | None = None) -> GpuMemory | None:
+    """AMD's `/sys/class/drm/card*/device/mem_info_vram_total` (and `_used`): bytes as text."""
+    try:
+        total = int(total_text.strip())
+        used = int(used_text.strip()) if used_text is not None else None
+    except ValueError:
+        return None
+    if total <= 0:
+        return None
+    available = max(total - used, 0) if used is not None else None
+    return GpuMemory(total=total, available=available)
+
+
+def parse_nvidia_smi(output: str) -> list[GpuMemory]:
+    """`nvidia-smi --query-gpu=memory.total,memory.used --format=csv,noheader,nounits`: MiB."""
+    devices: list[GpuMemory] = []
+    for line in output.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 2:
+            continue
+        try:
+            total, used = int(float(parts[0]) * MIB), int(float(parts[1]) * MIB)
+        except ValueError:  # "[N/A]", "[Not Supported]"
+            continue
+        if total > 0:
+            devices.append(GpuMemory(total=total, available=max(total - used, 0)))
+    return devices
+
+
+def spill_budget(loaded: Iterable[PsModel]) -> MemoryBudget | None:
+    """What `/api/ps` shows of a GPU's size: a spilled model filled what Ollama could use."""
+    best: PsModel | None = None
+    for model in loaded:
+        if 0 < model.size_vram < model.size and (best is None or model.size_vram > best.size_vram):
+            best = model
+    if best is None:
+        return None
+    return MemoryBudget(best.size_vram, "/api/ps", f"{best.name} spilled past it")
+
+
+def choose_budget(
+    configured: int | None,
+    journal: Iterable[GpuMemory] = (),
+    sysfs: Iterable[GpuMemory] = (),
+    nvidia_smi: Iterable[GpuMemory] = (),
+    ps: MemoryBudget | None = None,
+) -> MemoryBudget | None:
+    """The first figure known: config `vram`, the journal, sysfs, nvidia-smi, `/api/ps`.
+
+    The journal's `available` is what was free when Ollama started, before it loaded
+    anything: the best measure of what it can use. sysfs and nvidia-smi are read
+    while models are loaded, so their `used` includes ours: the total counts. Several
+    GPUs add up, as Ollama splits a model across them.
+    """
+    if configured:
+        return MemoryBudget(configured, "config", "backend key vram")
+    devices = list(journal)
+    if devices:
+        size = sum(d.available if d.available is not None else d.total for d in devices)
+        return MemoryBudget(size, "journal", ", ".join(d.name for d in devices if d.name))
+    total = sum(d.total for d in sysfs)
+    if total:
+        return MemoryBudget(total, "sysfs")
+    total = sum(d.total for d in nvidia_smi)
+    if total:
+        return MemoryBudget(total, "nvidia-smi")
+    return ps
+
+
+# -- how the numbers are written ---------------------------------------------------
+
+
+def format_gb(size: int) -> str:
+    """Decimal gigabytes, as Ollama prints model sizes: 12.7 GB."""
+    return f"{size / 1e9:.1f} GB"
+
+
+def format_gib(size: int) -> str:
+    """Binary gibibytes, as GPU memory is sold and logged: 8 GiB, 11.7 GiB."""
+    text = f"{size / GIB:.1f}"
+    return f"{text[:-2] if text.endswith('.0') else text} GiB"
+
+
+def format_context(tokens: int) -> str:
+    """A context length as people say it: 4096 -> 4k, 65536 -> 64k, 5000 -> 5000."""
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
