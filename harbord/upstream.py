@@ -1,10 +1,10 @@
 """A small HTTP/1.1 client to the backends, on raw asyncio protocols.
 
 The relay's hop to a backend is its hottest path: this client writes the request head
-harbord builds, parses the answer's head with bytes.find and decodes Content-Length or
-chunked bodies, handing the body bytes over as they arrive. Connections are kept alive per
+harbord builds (and a request body, whole or streamed), and hands over the answer's body
+bytes as they arrive, framed by http1.ResponseParser. Connections are kept alive per
 backend and reused only after a complete answer; `Exchange.close()` aborts an unfinished
-one at once, so the backend sees the client go away.
+one at once, so the backend sees the client go away. Every failure is an UpstreamError.
 """
 
 from __future__ import annotations
@@ -14,27 +14,36 @@ import collections
 import os
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
+from harbord.http1 import DONE, ParseError, ResponseParser
+from harbord.schemas import ErrorClass
+
 KEEPALIVE = 30.0  # seconds an idle connection is kept
 MAX_IDLE = 256  # idle connections kept per backend
-MAX_HEAD = 64 * 1024
 HIGH_WATER = 256 * 1024  # buffered body bytes before the backend is paused
 LOW_WATER = 64 * 1024
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
-_HEAD, _LENGTH, _SIZE, _DATA, _CRLF, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
 
 
 class UpstreamError(Exception):
-    """The backend broke the exchange: closed mid-answer, or sent something not HTTP."""
+    """The exchange with a backend failed. One family the relay catches once: each class says
+    how the relay files it (`error_class`), and whether it was a refusal or a timeout."""
+
+    error_class: ClassVar[ErrorClass] = "network"
+    refused: ClassVar[bool] = False  # the backend refused the connection: cool it down
+    timeout: ClassVar[bool] = False
 
 
 class ConnectError(UpstreamError):
     """The backend could not be reached (refused, unreachable, no such host)."""
+
+    refused = True
 
     def __init__(self, err: OSError) -> None:
         # asyncio's own loop says "Connect call failed (...)" where uvloop says the errno's text.
@@ -43,7 +52,10 @@ class ConnectError(UpstreamError):
 
 
 class ConnectTimeout(UpstreamError):
-    """Connecting took longer than connect_timeout."""
+    """Connecting took longer than connect_timeout (not a TimeoutError: the relay's own
+    deadline around the answer's head raises that)."""
+
+    timeout = True
 
 
 class Disconnected(UpstreamError):
@@ -52,6 +64,16 @@ class Disconnected(UpstreamError):
 
 class BadResponse(UpstreamError):
     """The backend's answer is not well-formed HTTP/1.1."""
+
+    error_class = "other"
+
+
+class RequestBodyError(UpstreamError):
+    """Reading the caller's streamed request body failed (the client went away, or sent more
+    or less than its Content-Length): the client's fault, not the backend's. The backend
+    connection is aborted; `__cause__` holds the body's own exception, if any."""
+
+    error_class = "client"
 
 
 class _Conn(asyncio.Protocol):
@@ -63,12 +85,15 @@ class _Conn(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._wake_writer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange._lost(exc)
@@ -78,6 +103,25 @@ class _Conn(asyncio.Protocol):
             self.exchange._feed(data)
         else:
             self.transport.abort()  # bytes nobody asked for: this connection is unusable
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain = self._drain, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> bool:
+        """Wait until the transport takes more bytes; False once the connection is gone."""
+        while self.write_paused and not self.closed:
+            self._drain = waiter = asyncio.get_running_loop().create_future()
+            await waiter
+        return not self.closed
 
 
 class Pool:
@@ -145,25 +189,49 @@ class Pools:
         method: str,
         path_qs: str,
         headers: Iterable[tuple[str, str]],
-        body: bytes,
+        body: bytes | AsyncIterable[bytes],
         connect_timeout: float,
+        content_length: int | None = None,
     ) -> Exchange:
-        """Send one request; the answer is read with the returned Exchange."""
+        """Send one request; the answer is read with the returned Exchange.
+
+        `body` is bytes, or an async iterable of bytes streamed to the backend as it comes:
+        chunked, or with `content_length` exactly that many bytes. A streamed body always
+        goes on a new connection and is never sent twice; the answer can be read while it
+        is still being written (a backend may answer before the body's end).
+        """
         pool = self.get(url)
         lines = [f"{method} {path_qs} HTTP/1.1\r\n".encode(), b"Host: ", pool.host_header]
         for name, value in headers:
             lines.append(f"\r\n{name}: {value}".encode("utf-8", "surrogateescape"))
-        lines.append(b"\r\nContent-Length: %d\r\n\r\n" % len(body))
-        lines.append(body)
+        if isinstance(body, bytes):
+            if content_length is not None and content_length != len(body):
+                raise ValueError(f"content_length {content_length} but {len(body)} bytes")
+            lines.append(b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+            lines.append(body)
+            message = b"".join(lines)
+            conn = pool.take()
+            # A reused connection the backend closed before answering is tried again once on
+            # a new one, for the methods aiohttp would retry (a POST is not sent twice).
+            retry = conn is not None and method in _IDEMPOTENT
+            if conn is None:
+                conn = await pool.connect(connect_timeout)
+            exchange = Exchange(pool, conn, method == "HEAD", message, connect_timeout, retry)
+            conn.transport.write(message)
+            return exchange
+        if content_length is None:
+            lines.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        elif content_length < 0:
+            raise ValueError(f"content_length {content_length} < 0")
+        else:
+            lines.append(b"\r\nContent-Length: %d\r\n\r\n" % content_length)
         message = b"".join(lines)
-        conn = pool.take()
-        # A reused connection the backend closed before answering is tried again once on a
-        # new one, for the methods aiohttp would retry (a POST is not sent twice).
-        retry = conn is not None and method in _IDEMPOTENT
-        if conn is None:
-            conn = await pool.connect(connect_timeout)
-        exchange = Exchange(pool, conn, method == "HEAD", message, connect_timeout, retry)
+        # A pooled connection may have been closed by the backend since: the body could not
+        # be sent again, so it gets a fresh one.
+        conn = await pool.connect(connect_timeout)
+        exchange = Exchange(pool, conn, method == "HEAD", message, connect_timeout, False)
         conn.transport.write(message)
+        exchange._start_body(body, content_length)
         return exchange
 
     def keep(self, urls: set[str]) -> None:
@@ -188,27 +256,22 @@ class Exchange:
         self.headers: CIMultiDict[str] = CIMultiDict()
         self._head_only = head_only
         self._message, self._timeout, self._retry = message, timeout, retry
+        self._writer: asyncio.Task[None] | None = None  # streams the request body
         self._reset(conn)
 
     def _reset(self, conn: _Conn) -> None:
         self.conn: _Conn | None = conn
         conn.exchange = self
-        self._state = _HEAD
-        self._buf = b""
-        self._remaining = 0
-        self._keep_alive = True
+        self._parser = ResponseParser(self._head_only)
         self._got_bytes = False
-        self._chunks: list[bytes] = []
-        self._size = 0
         self._paused = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._head_ready = False
 
     # -- the reading side (relay.py) --------------------------------------------
 
     async def response_head(self) -> tuple[int, str, CIMultiDict[str]]:
-        while not self._head_ready:
+        while not self._parser.head_ready:
             if self._error is not None:
                 if self._retry and not self._got_bytes and isinstance(self._error, Disconnected):
                     self._retry = False
@@ -221,16 +284,17 @@ class Exchange:
 
     async def read_chunk(self) -> bytes:
         """The body bytes that arrived since the last call; b"" at the end of the body."""
-        while not self._chunks:
-            if self._state == _DONE:
+        parser = self._parser
+        chunks = parser.chunks
+        while not chunks:
+            if parser.state == DONE:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
-        chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._size = 0
+        parser.size = 0
         if self._paused:
             self._paused = False
             if self.conn is not None:
@@ -252,11 +316,12 @@ class Exchange:
 
     def close(self) -> None:
         """Done with this answer: abort the connection unless the answer was complete."""
+        self._stop_body()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
             conn.transport.abort()
-        if self._state != _DONE and self._error is None:
+        if self._parser.state != DONE and self._error is None:
             self._error = Disconnected("closed by harbord")
         self._wake()
 
@@ -272,13 +337,67 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    # -- the writing side: a streamed request body --------------------------------
+
+    def _start_body(self, body: AsyncIterable[bytes], length: int | None) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._send_body(body, length))
+
+    def _stop_body(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+
+    async def _send_body(self, body: AsyncIterable[bytes], length: int | None) -> None:
+        conn = self.conn
+        assert conn is not None
+        transport = conn.transport
+        pieces = aiter(body)
+        sent = 0
+        while True:
+            try:
+                piece = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except Exception as err:  # the client went away, or its body broke
+                return self._body_failed(f"reading the request body failed: {err!r}", err)
+            if self.conn is not conn:
+                return  # the answer is over (or failed): the rest is not needed
+            if not piece:
+                continue  # an empty chunk would end a chunked body
+            sent += len(piece)
+            if length is None:
+                transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+            elif sent > length:
+                return self._body_failed(f"the request body is longer than {length} bytes")
+            else:
+                transport.write(piece)
+            if conn.write_paused and not await conn.drain():
+                return  # the backend went away: the reading side says so
+        if self.conn is not conn:
+            return
+        if length is None:
+            transport.write(b"0\r\n\r\n")
+        elif sent < length:
+            self._body_failed(f"the request body ended after {sent} of {length} bytes")
+        self._writer = None
+
+    def _body_failed(self, message: str, cause: Exception | None = None) -> None:
+        self._writer = None
+        if self._parser.state == DONE or self._error is not None:
+            return  # the answer is complete (or already failed): nothing more to say
+        error = RequestBodyError(message)
+        error.__cause__ = cause
+        self._error = error
+        self.close()  # aborts the backend's connection
+
     # -- the protocol side (_Conn) ----------------------------------------------
 
     def _lost(self, exc: Exception | None) -> None:
         self.conn = None
-        if self._state == _UNTIL_CLOSE:
-            self._state = _DONE
-        elif self._state != _DONE and self._error is None:
+        self._stop_body()  # nobody left to send it to
+        if self._parser.eof():
+            self._finish()
+        elif self._error is None:
             reason = f": {exc}" if exc else ""
             self._error = Disconnected(f"the backend closed the connection{reason}")
         self._wake()
@@ -289,137 +408,37 @@ class Exchange:
 
     def _feed(self, data: bytes) -> None:
         self._got_bytes = True
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        pos = 0
-        end = len(data)
-        chunks = self._chunks
-        before = len(chunks)
-        while pos < end:
-            state = self._state
-            if state in (_DATA, _LENGTH):
-                take = min(self._remaining, end - pos)
-                chunks.append(data[pos : pos + take] if pos or take < end else data)
-                self._size += take
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    if state == _LENGTH:
-                        self._finish(pos < end)
-                        break
-                    self._state = _CRLF
-            elif state == _SIZE:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if end - pos > 1024:
-                        return self._fail("chunk size line too long")
-                    break
-                try:
-                    size = int(data[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    return self._fail("bad chunk size")
-                if size < 0:
-                    return self._fail("bad chunk size")
-                pos = eol + 2
-                self._state, self._remaining = (_DATA, size) if size else (_TRAILER, 0)
-            elif state == _CRLF:
-                if end - pos < 2:
-                    break
-                if data[pos : pos + 2] != b"\r\n":
-                    return self._fail("chunk not followed by CRLF")
-                pos += 2
-                self._state = _SIZE
-            elif state == _TRAILER:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                done = eol == pos
-                pos = eol + 2
-                if done:
-                    self._finish(pos < end)
-                    break
-            elif state == _HEAD:
-                cut = data.find(b"\r\n\r\n", pos)
-                if cut < 0:
-                    if end - pos > MAX_HEAD:
-                        return self._fail("response head too large")
-                    break
-                if not self._parse_head(data[pos:cut]):
-                    return
-                pos = cut + 4
-                if self._state == _LENGTH and not self._remaining:
-                    self._finish(pos < end)  # HEAD, 204, 304 or Content-Length: 0
-                    break
-            elif state == _UNTIL_CLOSE:
-                chunks.append(data[pos:] if pos else data)
-                self._size += end - pos
-                pos = end
-            else:  # _DONE: bytes after the answer
-                self._keep_alive = False
-                break
-        if pos < end and self._state != _DONE:
-            self._buf = data[pos:]
-        if len(chunks) != before or self._state == _DONE or self._head_ready:
-            self._wake()
-        if self._size > HIGH_WATER and not self._paused and self.conn is not None:
+        parser = self._parser
+        try:
+            parser.feed(data)
+        except ParseError as err:
+            return self._fail(str(err))
+        except Exception as err:  # a parser bug must not escape data_received either
+            return self._fail(f"unparsable answer ({type(err).__name__}: {err})")
+        if parser.head_ready and not self.status:
+            self.status, self.content_type = parser.status, parser.content_type
+            self.headers = parser.headers
+        if parser.state == DONE:
+            self._finish()
+        elif parser.size > HIGH_WATER and not self._paused and self.conn is not None:
             self._paused = True
             self.conn.transport.pause_reading()
+        if parser.chunks or parser.head_ready:
+            self._wake()
 
-    def _parse_head(self, head: bytes) -> bool:
-        eol = head.find(b"\r\n")
-        status_line = head if eol < 0 else head[:eol]
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            self._fail("not an HTTP/1.1 answer")
-            return False
-        status = int(parts[1])
-        if 100 <= status < 200:  # 100 Continue and the like: the answer follows
-            return True
-        headers: CIMultiDict[str] = CIMultiDict()
-        length: int | None = None
-        chunked = False
-        if eol >= 0:
-            for line in head[eol + 2 :].split(b"\r\n"):
-                colon = line.find(b":")
-                if colon <= 0:
-                    self._fail("malformed header line")
-                    return False
-                name = line[:colon].strip().decode("latin-1")
-                value = line[colon + 1 :].strip().decode("utf-8", "surrogateescape")
-                headers.add(name, value)
-                low = name.lower()
-                if low == "content-length":
-                    if not value.isdigit() or (length is not None and int(value) != length):
-                        self._fail("bad Content-Length")
-                        return False
-                    length = int(value)
-                elif low == "transfer-encoding":
-                    chunked = value.lower().endswith("chunked")
-                elif low == "connection" and "close" in value.lower():
-                    self._keep_alive = False
-                elif low == "content-type":
-                    self.content_type = value.split(";", 1)[0].strip().lower()
-        self.status, self.headers, self._head_ready = status, headers, True
-        if self._head_only or status in (204, 304):
-            self._state, self._remaining = _LENGTH, 0
-        elif chunked:
-            self._state = _SIZE
-        elif length is not None:
-            self._state, self._remaining = _LENGTH, length
-        else:
-            self._state, self._keep_alive = _UNTIL_CLOSE, False
-        return True
-
-    def _finish(self, extra: bool) -> None:
-        self._state = _DONE
+    def _finish(self) -> None:
+        """The answer is complete: the connection goes back to the pool if it can."""
+        self._wake()
         conn, self.conn = self.conn, None
         if conn is None:
             return
         conn.exchange = None
+        body_unsent = self._writer is not None
+        self._stop_body()
         if self._paused:
             conn.transport.resume_reading()
-        if self._keep_alive and not extra and not conn.closed:
+        parser = self._parser
+        if parser.keep_alive and not parser.extra and not conn.closed and not body_unsent:
             self.pool.put(conn)
         else:
             conn.transport.abort()
