@@ -175,7 +175,9 @@ class Daemon:
         harbor.draining = True
         self.notifier.status(harbor.summary())
         log.info(
-            "stopping: draining %d request(s) for up to %gs", harbor.in_flight, cfg.drain_timeout
+            "stopping: draining %d request(s) for up to %gs",
+            harbor.ledger.in_flight,
+            cfg.drain_timeout,
         )
         # Stop listening, wait for handlers up to the drain time, then cancel the rest.
         await asyncio.gather(*(runner.cleanup() for runner in runners))

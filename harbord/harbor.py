@@ -1,15 +1,14 @@
-"""The daemon's shared context: configuration, backends, state and counters.
+"""The daemon's shared context: configuration, backends, state and the ledger.
 
 Everything the request handlers and background loops share lives here, with
-the operations that change it (pins, affinity, reload). It owns the one
-aiohttp client session used to reach the backends.
+the operations that change it (pins, affinity, reload). It owns the backend
+connection pools (`upstreams`, the request path's only client) and the
+aiohttp session the prober and the supervisor use off the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import logging
 import os
 import time
@@ -23,13 +22,11 @@ from harbord import __version__, policy
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
-from harbord.metrics import Metrics
+from harbord.ledger import Ledger
 from harbord.schemas import (
     Affinity,
     BackendStatus,
     CheckEntry,
-    Counters,
-    Decision,
     Pin,
     Plan,
     Status,
@@ -39,26 +36,13 @@ from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
 
-DECISIONS_KEPT = 500
-_request_ids = itertools.count(1)
-_request_id_prefix = f"{os.getpid():x}"
-
-
-def new_request_id() -> str:
-    """Short, unique within this daemon's life, and cheap."""
-    return f"{_request_id_prefix}-{next(_request_ids):x}"
-
-
 class Harbor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
         self.state = StateStore(config.state_dir)
-        self.counters = Counters()
-        self.metrics = Metrics()
+        self.ledger = Ledger()
         self.registry: CollectorRegistry | None = None  # made on the first scrape
-        self.decisions: collections.OrderedDict[str, Decision] = collections.OrderedDict()
-        self.in_flight = 0
         self.draining = False
         self.supervision = "off"
         self.backends: dict[str, Backend] = {}
@@ -150,12 +134,6 @@ class Harbor:
             time.time(),
         )
 
-    def record(self, decision: Decision) -> None:
-        self.metrics.observe(decision)
-        self.decisions[decision.id] = decision
-        if len(self.decisions) > DECISIONS_KEPT:
-            self.decisions.popitem(last=False)
-
     # -- pins and affinity ------------------------------------------------------
 
     def pin(
@@ -170,7 +148,7 @@ class Harbor:
             until=until,
             source="oom" if source == "oom" else "operator",
         )
-        self.metrics.pins_set[pin.source] += 1
+        self.ledger.metrics.pins_set[pin.source] += 1
         self.state.pins[policy.normalize_model(model)] = pin
         log.info(
             "pinned %s to %s: %s%s",
@@ -228,8 +206,8 @@ class Harbor:
             backends=[self._backend_status(b) for b in self.backends.values()],
             pins={m: p for m, p in self.state.pins.items() if p.active(now)},
             affinity=dict(self.state.affinity),
-            counters=self.counters,
-            in_flight=self.in_flight,
+            counters=self.ledger.counters,
+            in_flight=self.ledger.in_flight,
             state_note=self.state.note,
             supervision=self.supervision,
         )
@@ -239,7 +217,7 @@ class Harbor:
         status.served = backend.served
         ttfb = sorted(
             d.first_byte_ms
-            for d in self.decisions.values()
+            for d in self.ledger.decisions.values()
             if d.served_by == backend.name and d.first_byte_ms is not None
         )
         status.ttfb_p50_ms = ttfb[len(ttfb) // 2] if ttfb else None
@@ -269,7 +247,7 @@ class Harbor:
             elif b.cooldown:
                 text += " (cooling down)"
             parts.append(text)
-        parts.append(f"{self.in_flight} in flight")
+        parts.append(f"{self.ledger.in_flight} in flight")
         if self.draining:
             parts.append("draining")
         return ", ".join(parts)

@@ -2,7 +2,7 @@
 
 A handler takes a `Call` (the harbor, the path parameters, the query parameters the
 table names, the body decoded with the entry's type) and returns the entry's answer
-type, which `add_routes` encodes; it refuses with `Refused(status, message)`, which
+type, which `add_routes` encodes; it refuses with `Problem(status, message)`, which
 becomes harbord's JSON error. An undecodable body is a 400 before the handler runs.
 """
 
@@ -18,9 +18,9 @@ from aiohttp import web
 from harbord import harbor_endpoints as api
 from harbord import metrics as metrics_module
 from harbord.config import MODEL_RE
+from harbord.errors import Problem
 from harbord.harbor import HARBOR, Harbor
 from harbord.policy import PolicyError, RouteRequest, normalize_model
-from harbord.relay import error_response
 from harbord.schemas import (
     UNDECODABLE,
     CheckEntry,
@@ -42,15 +42,6 @@ class Call(Generic[B]):
     path: Mapping[str, str]  # the path parameters, decoded
     query: Mapping[str, str]  # only those the endpoint's entry names
     body: B
-
-
-class Refused(Exception):
-    """The answer is an error: `status` with harbord's `{"error": message}`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 Handler = Callable[[Call[B]], Awaitable[A]]
@@ -82,15 +73,12 @@ def _serving(
     async def serve(request: web.Request) -> web.StreamResponse:
         query = {name: request.query[name] for name in endpoint.query if name in request.query}
         try:
-            try:
-                raw = b"" if endpoint.body is None else await request.read()
-                body = endpoint.decode_body(raw)
-            except UNDECODABLE as err:
-                raise Refused(400, f"invalid {endpoint.name} request: {err}") from None
-            call = Call(request.app[HARBOR], dict(request.match_info), query, body)
-            answer = await handler(call)
-        except Refused as refused:
-            return error_response(refused.status, refused.message)
+            raw = b"" if endpoint.body is None else await request.read()
+            body = endpoint.decode_body(raw)
+        except UNDECODABLE as err:
+            raise Problem(400, f"invalid {endpoint.name} request: {err}") from None
+        call = Call(request.app[HARBOR], dict(request.match_info), query, body)
+        answer = await handler(call)
         return web.Response(
             body=endpoint.encode_answer(answer), headers={"Content-Type": endpoint.content_type}
         )
@@ -101,7 +89,7 @@ def _serving(
 def _model(call: Call[Any]) -> str:
     model = call.path["model"]
     if not MODEL_RE.match(model):
-        raise Refused(400, f"invalid model name {model[:80]!r}")
+        raise Problem(400, f"invalid model name {model[:80]!r}")
     return model
 
 
@@ -135,12 +123,12 @@ async def pins(call: Call[None]) -> dict[str, Pin]:
 async def set_pin(call: Call[PinRequest]) -> dict[str, Pin]:
     harbor, model, wanted = call.harbor, _model(call), call.body
     if wanted.backend not in harbor.backends:
-        raise Refused(
+        raise Problem(
             400,
             f"unknown backend {wanted.backend!r}; expected one of: {', '.join(harbor.backends)}",
         )
     if wanted.for_seconds is not None and wanted.for_seconds <= 0:
-        raise Refused(400, "for_seconds must be > 0")
+        raise Problem(400, "for_seconds must be > 0")
     pin = harbor.pin(model, wanted.backend, wanted.reason, wanted.for_seconds, "operator")
     return {normalize_model(model): pin}
 
@@ -149,7 +137,7 @@ async def set_pin(call: Call[PinRequest]) -> dict[str, Pin]:
 async def clear_pin(call: Call[None]) -> api.Unpinned:
     model = _model(call)
     if not call.harbor.unpin(model):
-        raise Refused(404, f"{model} is not pinned")
+        raise Problem(404, f"{model} is not pinned")
     return api.Unpinned(normalize_model(model))
 
 
@@ -157,11 +145,11 @@ async def clear_pin(call: Call[None]) -> api.Unpinned:
 async def route(call: Call[None]) -> Plan:
     model = call.query.get("model")
     if not model or not MODEL_RE.match(model):
-        raise Refused(400, "query parameter 'model' is required (a model name)")
+        raise Problem(400, "query parameter 'model' is required (a model name)")
     try:
         return call.harbor.plan(RouteRequest(model=model, intent_header=call.query.get("intent")))
     except PolicyError as err:
-        raise Refused(400, str(err)) from None
+        raise Problem(400, str(err)) from None
 
 
 @handles(api.DECISIONS)
@@ -169,16 +157,16 @@ async def decisions(call: Call[None]) -> list[Decision]:
     try:
         limit = int(call.query.get("limit", "20"))
     except ValueError:
-        raise Refused(400, "limit must be an integer") from None
-    recent = list(call.harbor.decisions.values())[-max(limit, 0) :] if limit else []
+        raise Problem(400, "limit must be an integer") from None
+    recent = list(call.harbor.ledger.decisions.values())[-max(limit, 0) :] if limit else []
     return list(reversed(recent))
 
 
 @handles(api.DECISION)
 async def decision(call: Call[None]) -> Decision:
-    found = call.harbor.decisions.get(call.path["id"])
+    found = call.harbor.ledger.decisions.get(call.path["id"])
     if found is None:
-        raise Refused(404, f"no recent request with id {call.path['id']!r}")
+        raise Problem(404, f"no recent request with id {call.path['id']!r}")
     return found
 
 
@@ -186,13 +174,13 @@ async def decision(call: Call[None]) -> Decision:
 async def restart_backend(call: Call[None]) -> api.Restarted:
     harbor, name = call.harbor, call.path["name"]
     if name not in harbor.backends:
-        raise Refused(404, f"no backend named {name!r}")
+        raise Problem(404, f"no backend named {name!r}")
     restart = harbor.restart_backend
     if restart is None:
-        raise Refused(501, "backend restarts need systemd supervision, which is off")
+        raise Problem(501, "backend restarts need systemd supervision, which is off")
     ok, message = await restart(name)
     if not ok:
-        raise Refused(409, message)
+        raise Problem(409, message)
     return api.Restarted(name, True, message)
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics, rendered by prometheus_client at scrape time.
 
 The request path only bumps plain integers (`Metrics.observe`, called once
-per finished request from `Harbor.record`); a custom collector turns them,
+per finished request from `Ledger.close`); a custom collector turns them,
 and the live backend state, into metric families when `/metrics` is read.
 So the exposition format is the library's, and the hot path pays nothing
 for it.
@@ -70,7 +70,7 @@ class Metrics:
             if decision.served_by and status < 400
             else ("client_error" if 400 <= status < 500 else "failed")
         )
-        self.requests[(decision.served_by or "none", decision.intent, outcome)] += 1
+        self.requests[(decision.served_by or "none", decision.intent or "none", outcome)] += 1
         attempts = decision.attempts
         for index, attempt in enumerate(attempts):
             if attempt.outcome == "failed":
@@ -89,7 +89,7 @@ class HarborCollector(Collector):
         self.harbor = harbor
 
     def collect(self) -> Iterator[Metric]:
-        harbor, metrics = self.harbor, self.harbor.metrics
+        harbor, metrics = self.harbor, self.harbor.ledger.metrics
         requests = CounterMetricFamily(
             "harbor_requests",
             "Routed requests by serving backend, intent and outcome",

@@ -11,19 +11,24 @@ inventory is refreshed afterwards.
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
 from harbord.backends import Backend
-from harbord.harbor import HARBOR, Harbor, new_request_id
-from harbord.relay import RELAY, error_response, is_openai
+from harbord.errors import Problem
+from harbord.failures import START_HINT
+from harbord.harbor import HARBOR, Harbor
+from harbord.ledger import Ledger, accounted
+from harbord.relay import RELAY
 from harbord.schemas import UNDECODABLE, Decision, Plan, PlanStep
+from harbord.upstream import UpstreamError
 
 FETCH_TIMEOUT = 5.0
+MAX_ANSWER = 16 * 1024 * 1024  # an /api/tags of a large model store is still far below
+BLOB_CHUNK = 256 * 1024
 
 
 def _reachable(harbor: Harbor) -> list[Backend]:
@@ -31,14 +36,22 @@ def _reachable(harbor: Harbor) -> list[Backend]:
 
 
 async def _fetch(harbor: Harbor, backend: Backend, path: str) -> Any:
-    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+    config = backend.config
+    exchange = None
     try:
-        async with harbor.session.get(backend.config.url + path, timeout=timeout) as resp:
-            if resp.status != 200:
+        async with asyncio.timeout(FETCH_TIMEOUT):
+            exchange = await harbor.upstreams.request(
+                config.url, "GET", path, (), b"", config.connect_timeout
+            )
+            await exchange.response_head()
+            if exchange.status != 200:
                 return None
-            return msgspec.json.decode(await resp.read())
-    except (aiohttp.ClientError, OSError, TimeoutError, *UNDECODABLE):
+            return msgspec.json.decode(await exchange.read_body(MAX_ANSWER))
+    except (UpstreamError, TimeoutError, *UNDECODABLE):
         return None
+    finally:
+        if exchange is not None:
+            exchange.close()
 
 
 async def _gather(harbor: Harbor, path: str) -> list[tuple[Backend, Any]]:
@@ -47,8 +60,11 @@ async def _gather(harbor: Harbor, path: str) -> list[tuple[Backend, Any]]:
     return [(b, a) for b, a in zip(backends, answers, strict=True) if isinstance(a, dict)]
 
 
-def _no_backend(openai: bool = False) -> web.Response:
-    return error_response(503, "no backend available", openai, {"Retry-After": "5"})
+def _no_backend(harbor: Harbor) -> Problem:
+    where = ", ".join(f"{b.name} at {b.config.url}" for b in harbor.backends.values())
+    return Problem(
+        503, f"no backend available: {where} cannot be reached; {START_HINT}", {"Retry-After": "5"}
+    )
 
 
 async def root(request: web.Request) -> web.StreamResponse:
@@ -62,7 +78,7 @@ async def version(request: web.Request) -> web.StreamResponse:
             return web.json_response({"version": backend.version})
     answers = await _gather(harbor, "/api/version")
     if not answers:
-        return _no_backend()
+        raise _no_backend(harbor)
     return web.json_response({"version": answers[0][1].get("version", "")})
 
 
@@ -79,45 +95,45 @@ def _merge(answers: list[tuple[Backend, Any]], key: str, ident: str) -> list[dic
 
 
 async def tags(request: web.Request) -> web.StreamResponse:
-    answers = await _gather(request.app[HARBOR], "/api/tags")
+    harbor = request.app[HARBOR]
+    answers = await _gather(harbor, "/api/tags")
     if not answers:
-        return _no_backend()
+        raise _no_backend(harbor)
     return web.json_response({"models": _merge(answers, "models", "name") or []})
 
 
 async def ps(request: web.Request) -> web.StreamResponse:
-    answers = await _gather(request.app[HARBOR], "/api/ps")
+    harbor = request.app[HARBOR]
+    answers = await _gather(harbor, "/api/ps")
     if not answers:
-        return _no_backend()
+        raise _no_backend(harbor)
     models = [m for _, answer in answers for m in answer.get("models") or () if isinstance(m, dict)]
     return web.json_response({"models": models})
 
 
 async def v1_models(request: web.Request) -> web.StreamResponse:
-    answers = await _gather(request.app[HARBOR], "/v1/models")
+    harbor = request.app[HARBOR]
+    answers = await _gather(harbor, "/v1/models")
     if not answers:
-        return _no_backend(openai=True)
+        raise _no_backend(harbor)
     return web.json_response({"object": "list", "data": _merge(answers, "data", "id") or None})
 
 
-async def manage(request: web.Request) -> web.StreamResponse:
+async def manage(request: web.Request, decision: Decision) -> web.StreamResponse:
     """Model management: one backend, no fallback, progress streamed through."""
-    started = time.monotonic()
     harbor = request.app[HARBOR]
-    harbor.counters.requests += 1
-    openai = is_openai(request.path)
     named = request.headers.get("X-Harbor-Backend")
     if named is not None and named not in harbor.backends:
-        return error_response(
-            400, f"unknown backend {named!r}; expected one of: {', '.join(harbor.backends)}", openai
+        raise Problem(
+            400, f"unknown backend {named!r}; expected one of: {', '.join(harbor.backends)}"
         )
     target = named or next(
         (n for n, b in harbor.backends.items() if b.config.kind == "gpu"),
         next(iter(harbor.backends)),
     )
-    body: bytes | aiohttp.StreamReader
-    if request.path.startswith("/api/blobs/"):
-        body = request.content  # blobs are large: stream them through, never hold them
+    body: bytes | AsyncIterator[bytes]
+    if request.method == "POST" and request.path.startswith("/api/blobs/"):
+        body = request.content.iter_chunked(BLOB_CHUNK)  # large: stream it, never hold it
     else:
         body = await request.read()
     plan = Plan(
@@ -126,18 +142,10 @@ async def manage(request: web.Request) -> web.StreamResponse:
         intent_source="default",
         steps=[PlanStep(target, ["model management goes to one backend"])],
         forced=True,
-    )
-    decision = Decision(
-        id=new_request_id(),
-        time=time.time(),
-        method=request.method,
-        path=request.path,
-        model=None,
-        intent="fast",
-        plan=plan,
+        rule="forced",
     )
     try:
-        return await request.app[RELAY].serve(request, plan, body, decision, started)
+        return await request.app[RELAY].run(request, plan, body, decision, request.content_length)
     finally:
         # The model store is shared: every backend's list may have changed.
         for backend in harbor.backends.values():
@@ -151,8 +159,13 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/api/tags", tags)
     router.add_get("/api/ps", ps)
     router.add_get("/v1/models", v1_models)
+    managed = accounted(_ledger, manage)
     for path in ("/api/pull", "/api/copy", "/api/create", "/api/push"):
-        router.add_post(path, manage)
-    router.add_delete("/api/delete", manage)
-    router.add_route("HEAD", "/api/blobs/{digest}", manage)
-    router.add_post("/api/blobs/{digest}", manage)
+        router.add_post(path, managed)
+    router.add_delete("/api/delete", managed)
+    router.add_route("HEAD", "/api/blobs/{digest}", managed)
+    router.add_post("/api/blobs/{digest}", managed)
+
+
+def _ledger(request: web.Request) -> Ledger:
+    return request.app[HARBOR].ledger

@@ -31,6 +31,10 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     error: str
 
 
+class RequestOptions(msgspec.Struct):
+    num_ctx: int | None = None  # the context the model is loaded with: its KV cache's size
+
+
 class RequestFacts(msgspec.Struct):
     """The only fields of a request body that routing reads."""
 
@@ -38,6 +42,7 @@ class RequestFacts(msgspec.Struct):
     name: str | None = None  # /api/show and model management still accept `name`
     stream: bool | None = None
     intent: str | None = None
+    options: RequestOptions | None = None
 
     @property
     def model_name(self) -> str | None:
@@ -111,15 +116,19 @@ class Attempt(msgspec.Struct, omit_defaults=True):
 
 
 class Decision(msgspec.Struct):
-    """One routed request, as logged and as `harborctl explain` shows it."""
+    """One request to a backend-bound path, as logged and as `harborctl explain` shows it.
+
+    `plan` (and so `intent`) is None for a request refused before it was planned,
+    with harbord's message in `error`."""
 
     id: str
     time: float
     method: str
     path: str
-    model: str | None
-    intent: Intent
-    plan: Plan
+    model: str | None = None
+    intent: Intent | None = None
+    plan: Plan | None = None
+    error: str | None = None
     attempts: list[Attempt] = []
     served_by: str | None = None
     status: int = 0

@@ -1,7 +1,7 @@
 """The HTTP application on the Unix socket: routes, the routed handler, errors.
 
-Every answer is JSON (`{"error": ...}` for errors; OpenAI's error object on
-/v1, as Ollama does), never a traceback. Bodies are read with a hard limit,
+Every error is JSON in the shape of the API family the path belongs to
+(errors.py), never a traceback. Bodies are read with a hard limit,
 and only the fields routing needs are decoded.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -17,12 +16,14 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from harbord import harbor_api, ollama_api
+from harbord import errors, harbor_api, ollama_api
 from harbord.config import MODEL_RE
+from harbord.errors import Problem, family_of
 from harbord.guard import bearer_middleware
-from harbord.harbor import HARBOR, Harbor, new_request_id
+from harbord.harbor import HARBOR, Harbor
+from harbord.ledger import Ledger, accounted
 from harbord.policy import PolicyError, RouteRequest
-from harbord.relay import RELAY, Relay, error_response, is_openai
+from harbord.relay import RELAY, Relay
 from harbord.schemas import Decision, RequestFacts
 
 log = logging.getLogger(__name__)
@@ -45,49 +46,54 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T = TypeVar("_T")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     """The request body, refusing (before reading it) anything over `limit` bytes."""
     length = request.content_length
     if length is not None and length > limit:
-        raise BodyTooLarge
+        raise _too_large(limit)
+    if request.content.is_eof():  # a small body arrives with the head: no timer needed
+        return await _read_capped(request, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_capped(request, limit)
+    except TimeoutError:
+        raise Problem(408, f"request body not received within {timeout:g}s") from None
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-class BadBody(Exception):
-    """A body that is not JSON we can take, with the message the client gets."""
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"request body over the {limit} byte limit")
 
 
 def _decode(decode: Callable[[bytes], _T], body: bytes) -> _T:
-    """msgspec's decode, with every way it refuses untrusted bytes turned into BadBody.
+    """msgspec's decode, with every way it refuses untrusted bytes a 400.
 
     Invalid UTF-8 in a decoded string is a UnicodeDecodeError up to msgspec 0.19
     and a DecodeError ("Invalid UTF-8 encoded string") from 0.20 on; arrays or
-    objects nested deeper than the recursion limit raise RecursionError. A
-    ValidationError (the JSON is fine, a field's type is not) is left to the caller.
+    objects nested deeper than the recursion limit raise RecursionError.
     """
     try:
         return decode(body)
     except UnicodeDecodeError:
-        raise BadBody("invalid JSON: a string is not valid UTF-8") from None
+        raise Problem(400, "invalid JSON: a string is not valid UTF-8") from None
     except RecursionError:
-        raise BadBody("invalid JSON: nested too deeply") from None
-    except msgspec.ValidationError:
-        raise
+        raise Problem(400, "invalid JSON: nested too deeply") from None
+    except msgspec.ValidationError as err:
+        raise Problem(400, f"invalid request: {err}") from None
     except msgspec.DecodeError as err:
         if "utf-8" in str(err).lower():
-            raise BadBody("invalid JSON: a string is not valid UTF-8") from None
-        raise BadBody(f"invalid JSON: {err}") from None
+            raise Problem(400, "invalid JSON: a string is not valid UTF-8") from None
+        raise Problem(400, f"invalid JSON: {err}") from None
 
 
 def _strip_intent(body: bytes) -> bytes:
@@ -99,47 +105,20 @@ def _strip_intent(body: bytes) -> bytes:
     return body
 
 
-async def routed(request: web.Request) -> web.StreamResponse:
+async def routed(request: web.Request, decision: Decision) -> web.StreamResponse:
     harbor = request.app[HARBOR]
-    openai = is_openai(request.path)
-    started = time.monotonic()
-    harbor.counters.requests += 1
-    request_id = new_request_id()
-    try:
-        if request.content.is_eof():  # a small body arrives with the head: no timer needed
-            body = await read_body(request, harbor.config.max_body_size)
-        else:
-            async with asyncio.timeout(harbor.config.client_timeout):
-                body = await read_body(request, harbor.config.max_body_size)
-    except BodyTooLarge:
-        return _client_error(
-            harbor, 413, f"request body over the {harbor.config.max_body_size} byte limit", openai
-        )
-    except TimeoutError:
-        return _client_error(
-            harbor,
-            408,
-            f"request body not received within {harbor.config.client_timeout:g}s",
-            openai,
-        )
+    config = harbor.config
+    body = await read_body(request, config.max_body_size, config.client_timeout)
     if not body:
-        return _client_error(harbor, 400, "missing request body", openai)
-    try:
-        facts = _decode(_facts.decode, body)
-    except BadBody as err:
-        return _client_error(harbor, 400, str(err), openai)
-    except msgspec.ValidationError as err:
-        return _client_error(harbor, 400, f"invalid request: {err}", openai)
+        raise Problem(400, "missing request body")
+    facts = _decode(_facts.decode, body)
     model = facts.model_name
     if not model:
-        return _client_error(harbor, 400, "model is required", openai)
+        raise Problem(400, "model is required")
     if not MODEL_RE.fullmatch(model):  # match() would let a trailing newline through ($)
-        return _client_error(harbor, 400, f"invalid model name {model[:80]!r}", openai)
+        raise Problem(400, f"invalid model name {model[:80]!r}")
     if b'"intent"' in body:
-        try:
-            body = _strip_intent(body)
-        except BadBody as err:
-            return _client_error(harbor, 400, str(err), openai)
+        body = _strip_intent(body)
     try:
         plan = harbor.plan(
             RouteRequest(
@@ -147,37 +126,26 @@ async def routed(request: web.Request) -> web.StreamResponse:
                 intent_header=request.headers.get("X-Harbor-Intent"),
                 intent_body=facts.intent,
                 forced_backend=request.headers.get("X-Harbor-Backend"),
+                num_ctx=facts.options.num_ctx if facts.options is not None else None,
             )
         )
     except PolicyError as err:
-        return _client_error(harbor, 400, str(err), openai)
-
-    decision = Decision(
-        id=request_id,
-        time=time.time(),
-        method=request.method,
-        path=request.path,
-        model=plan.model,
-        intent=plan.intent,
-        plan=plan,
-        # Ollama's native chat and generate stream unless told not to; the rest do not.
-        stream=facts.stream if facts.stream is not None else request.path in _STREAM_BY_DEFAULT,
-    )
-    if harbor.config.log_bodies:
-        log.debug("request %s body: %s", request_id, body[:4096].decode("utf-8", "replace"))
-    return await request.app[RELAY].serve(request, plan, body, decision, started)
-
-
-def _client_error(harbor: Harbor, status: int, message: str, openai: bool) -> web.Response:
-    harbor.counters.client_errors += 1
-    return error_response(status, message, openai)
+        raise Problem(400, str(err)) from None
+    # Ollama's native chat and generate stream unless told not to; the rest do not.
+    stream = facts.stream
+    decision.stream = stream if stream is not None else request.path in _STREAM_BY_DEFAULT
+    if config.log_bodies:
+        log.debug("request %s body: %s", decision.id, body[:4096].decode("utf-8", "replace"))
+    return await request.app[RELAY].run(request, plan, body, decision)
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413 ...) as JSON, and no tracebacks to clients."""
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as JSON in the API family's shape, and no tracebacks to clients."""
     try:
         return await handler(request)
+    except Problem as problem:
+        return errors.render(problem, family_of(request.path))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -187,17 +155,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             message = f"method {request.method} not allowed on {request.path}"
         else:
             message = exc.reason
-        response = error_response(exc.status, message, is_openai(request.path))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return errors.render(Problem(exc.status, message, allow), family_of(request.path))
     except (ConnectionError, TimeoutError):
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return error_response(
-            500, "internal error in harbord (details in its log)", is_openai(request.path)
-        )
+        internal = Problem(500, "internal error in harbord (details in its log)")
+        return errors.render(internal, family_of(request.path))
 
 
 class _MalformedRequests(logging.Filter):
@@ -221,9 +186,13 @@ http_log = logging.getLogger("harbord.http")
 http_log.addFilter(_MalformedRequests())
 
 
+def _ledger(request: web.Request) -> Ledger:
+    return request.app[HARBOR].ledger
+
+
 def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
     """The application; with `token`, every request must carry it (the TCP listener)."""
-    middlewares = [json_errors] if token is None else [json_errors, bearer_middleware(token)]
+    middlewares = [problems] if token is None else [problems, bearer_middleware(token)]
     app = web.Application(
         middlewares=middlewares,
         client_max_size=harbor.config.max_body_size,
@@ -233,7 +202,7 @@ def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
     app[RELAY] = Relay(harbor)
     router = app.router
     for path in ROUTED_PATHS:
-        router.add_post(path, routed)
+        router.add_post(path, accounted(_ledger, routed))
     ollama_api.add_routes(router)
     harbor_api.add_routes(router)
     return app

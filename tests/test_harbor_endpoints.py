@@ -31,6 +31,7 @@ from harbord.schemas import (
     PlanStep,
     Status,
 )
+from harbord.server import problems
 
 PLAN = Plan(model="m:1", intent="fast", intent_source="default", steps=[PlanStep("gpu", ["up"])])
 DECISION = Decision(
@@ -152,7 +153,7 @@ class FakeHarbor(SimpleNamespace):
         Gauge("harbor_test_value", "a value", registry=registry).set(3)
         super().__init__(
             backends={"gpu": SimpleNamespace(models=["m:1"]), "cpu": SimpleNamespace(models=[])},
-            decisions={DECISION.id: DECISION},
+            ledger=SimpleNamespace(decisions={DECISION.id: DECISION}),
             pins={},
             registry=registry,
             restart_backend=None,
@@ -170,7 +171,7 @@ class FakeHarbor(SimpleNamespace):
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[AsyncHarborClient]:
-    app = web.Application()
+    app = web.Application(middlewares=[problems])  # renders the handlers' Problems
     app[HARBOR] = cast(Harbor, FakeHarbor())
     harbor_api.add_routes(app.router)
     runner = web.AppRunner(app)

@@ -116,7 +116,7 @@ async def test_a_hung_backend_loses_the_request_at_its_first_byte_deadline(
         return stack.gpu.states() == ["cancelled"]
 
     await stack.wait_for(gpu_request_cancelled, "the gpu to see its request cut off")
-    decision = stack.harbor.decisions[response.headers["X-Harbor-Request-Id"]]
+    decision = stack.harbor.ledger.decisions[response.headers["X-Harbor-Request-Id"]]
     failed = decision.attempts[0]
     assert (failed.backend, failed.outcome, failed.error_class) == ("gpu", "failed", "network")
     assert "within 0.1s" in (failed.error or "")
@@ -165,7 +165,7 @@ async def test_a_backend_dying_mid_stream_gets_harbords_own_error_ending(
         error = json.loads(lines[-1])["error"]
         assert len(lines) == 4  # three chunks, then the error line
     assert "gpu broke off the stream" in error
-    decision = stack.harbor.decisions[response.headers["X-Harbor-Request-Id"]]
+    decision = stack.harbor.ledger.decisions[response.headers["X-Harbor-Request-Id"]]
     assert [(a.backend, a.after_first_byte) for a in decision.attempts] == [
         ("gpu", False),
         ("gpu", True),
@@ -318,7 +318,7 @@ async def test_requests_waiting_on_a_backend_the_prober_finds_hung_move_on(
     assert response.status == 200
     assert response.headers["X-Harbor-Backend"] == "cpu"
     assert response.headers["X-Harbor-Fallbacks"] == "gpu=network"
-    decision = stack.harbor.decisions[response.headers["X-Harbor-Request-Id"]]
+    decision = stack.harbor.ledger.decisions[response.headers["X-Harbor-Request-Id"]]
     assert "gpu is hung" in (decision.attempts[0].error or "")
 
     async def gpu_request_cancelled() -> bool:

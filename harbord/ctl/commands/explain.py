@@ -53,7 +53,9 @@ def render(d: Decision, now: float) -> str:
         f"{output.paint('request ' + d.id, 'bold')}  {output.clock(d.time)}"
         f" ({output.ago(d.time, now)})",
         f"  {d.method} {d.path}",
-        route.render(d.plan, indent="  "),
+        route.render(d.plan, indent="  ")
+        if d.plan is not None
+        else f"  refused before routing: {d.error or 'no plan'}",
     ]
     if d.attempts:
         lines.append("  attempts:")

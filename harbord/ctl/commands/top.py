@@ -218,7 +218,7 @@ def _decision(d: Decision) -> tuple[str, ...]:
         d.id,
         time.strftime("%H:%M:%S", time.localtime(d.time)),
         d.model or d.path,
-        d.intent,
+        d.intent or "-",
         paint(d.served_by, "green") if d.served_by else paint("not served", "red"),
         paint(fallbacks, "yellow") if fallbacks else "-",
         status,
