@@ -108,6 +108,7 @@ DEFAULT_KEEP_ALIVE_S: Final = 300.0
 DEFAULT_CONTEXT: Final = 4096
 FOREVER_S: Final = 9_223_372_036.0  # Go's largest time.Duration, as Ollama uses for "-1"
 EMBED_DIM: Final = 8
+DEFAULT_MAX_QUEUE: Final = 512  # OLLAMA_MAX_QUEUE
 MAX_LOG: Final = 10_000
 
 OOM_TEXT: Final = "model requires more system memory (10.9 GiB) than is available (7.6 GiB)"
@@ -184,6 +185,33 @@ def embed_vector(text: str, dim: int = EMBED_DIM) -> list[float]:
 # Models
 
 
+@dataclass(frozen=True, slots=True)
+class Arch:
+    """The model_info numbers that decide a model's KV cache (``--model-info``)."""
+
+    block_count: int
+    embedding_length: int
+    head_count: int
+    head_count_kv: int
+    context_length: int
+
+    @classmethod
+    def for_params(cls, params: float, embedding: bool) -> Arch:
+        """Typical Llama-style numbers for a model of ``params`` parameters."""
+        if embedding:
+            return cls(12, 768, 12, 12, 2048)
+        for limit, arch in (
+            (2e9, cls(16, 2048, 32, 8, 131072)),
+            (5e9, cls(28, 3072, 24, 8, 131072)),
+            (10e9, cls(32, 4096, 32, 8, 131072)),
+            (20e9, cls(40, 5120, 40, 40, 16384)),
+            (40e9, cls(64, 5120, 40, 8, 131072)),
+        ):
+            if params < limit:
+                return arch
+        return cls(80, 8192, 64, 8, 131072)
+
+
 @dataclass(slots=True)
 class ModelInfo:
     name: str  # normalised display name, e.g. "llama3.2:latest"
@@ -194,6 +222,7 @@ class ModelInfo:
     parameter_size: str
     quantization: str
     embedding: bool
+    arch: Arch
 
     @property
     def key(self) -> str:
@@ -225,7 +254,12 @@ class ModelInfo:
 
     @property
     def context_max(self) -> int:
-        return 2048 if self.embedding else 131072
+        return self.arch.context_length
+
+    def kv_cache_bytes(self, num_ctx: int) -> int:
+        """f16 K and V for ``num_ctx`` tokens, as Ollama estimates it from model_info."""
+        a = self.arch
+        return 2 * a.block_count * num_ctx * (a.embedding_length // a.head_count) * a.head_count_kv * 2
 
     @property
     def capabilities(self) -> list[str]:
@@ -249,7 +283,9 @@ _FAMILIES: Final = (
 )
 
 
-def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
+def _make_model(
+    name: str, size: int, modified_epoch: float, arch: Arch | None = None
+) -> ModelInfo:
     name = normalize_name(name)
     base = name.rsplit("/", 1)[-1].split(":", 1)[0].lower()
     family = next((fam for prefix, fam in _FAMILIES if base.startswith(prefix)), "")
@@ -268,6 +304,7 @@ def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
         parameter_size=psize,
         quantization="F16" if embedding else "Q4_K_M",
         embedding=embedding,
+        arch=arch or Arch.for_params(params, embedding),
     )
 
 
@@ -275,6 +312,7 @@ def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
 class Loaded:
     info: ModelInfo
     expires: float  # epoch seconds
+    size: int  # weights + KV cache for context_length
     size_vram: int
     context_length: int
 
@@ -430,9 +468,11 @@ class Record:
     """One request on a model endpoint, as ``GET /_fake/requests`` shows it."""
 
     __slots__ = (
+        "admitted_seq",
         "body",
         "chunks_sent",
         "finished",
+        "finished_seq",
         "headers",
         "id",
         "method",
@@ -455,6 +495,9 @@ class Record:
         self.chunks_sent = 0
         self.started = time.time()
         self.finished: float | None = None
+        # positions in the server's event order: when a slot was granted, when it ended
+        self.admitted_seq: int | None = None
+        self.finished_seq: int | None = None
 
     def finish(self, state: str, status: int | None) -> None:
         if self.state == "running":
@@ -475,6 +518,8 @@ class Record:
             "chunks_sent": self.chunks_sent,
             "started": self.started,
             "finished": self.finished,
+            "admitted_seq": self.admitted_seq,
+            "finished_seq": self.finished_seq,
         }
 
 
@@ -487,7 +532,7 @@ class Reply(Exception):
 
 
 class Ctx:
-    __slots__ = ("kind", "rec", "request", "resp", "unload", "v1")
+    __slots__ = ("kind", "rec", "request", "resp", "slot", "unload", "v1")
 
     def __init__(self, request: web.Request, rec: Record, kind: str) -> None:
         self.request = request
@@ -496,6 +541,7 @@ class Ctx:
         self.v1 = kind.startswith("v1")
         self.resp: web.StreamResponse | None = None
         self.unload: str | None = None
+        self.slot: str | None = None  # model key whose parallel slot this request holds
 
 
 @dataclass(slots=True)
@@ -511,6 +557,7 @@ class Plan:
     prompt_tokens: int
     t0: int
     load_ns: int
+    prompt_ns: int = 0
 
     @property
     def n_events(self) -> int:
@@ -524,7 +571,7 @@ class Plan:
         total = max(time.perf_counter_ns() - self.t0, 3)
         load = min(max(self.load_ns, 1), total - 2)
         gen = total - load
-        prompt = max(gen // 10, 1)
+        prompt = min(max(self.prompt_ns, gen // 10, 1), max(gen - 1, 1))
         return {
             "total_duration": total,
             "load_duration": load,
@@ -533,6 +580,72 @@ class Plan:
             "eval_count": self.eval_count,
             "eval_duration": max(gen - prompt, 1),
         }
+
+
+class Scheduler:
+    """Ollama's request scheduling, reduced to what placement can observe.
+
+    ``parallel`` requests per loaded model run at once (OLLAMA_NUM_PARALLEL), at most
+    ``max_loaded`` models are loaded (OLLAMA_MAX_LOADED_MODELS): a request for another
+    model waits until enough running models are idle to evict. Waiting requests past
+    ``max_queue`` (OLLAMA_MAX_QUEUE) are refused with 503 busy.
+    """
+
+    def __init__(self, parallel: int | None, max_queue: int, max_loaded: int | None) -> None:
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.max_loaded = max_loaded
+        self.active: dict[str, int] = {}
+        self.waiting = 0
+        self._seq = 0
+        self._cond: asyncio.Condition | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def limited(self) -> bool:
+        return self.parallel is not None or self.max_loaded is not None
+
+    def tick(self) -> int:
+        """The next position in the server's event order (admissions and finishes)."""
+        self._seq += 1
+        return self._seq
+
+    def has_room(self) -> bool:
+        return self.waiting < self.max_queue
+
+    def _can_run(self, key: str) -> bool:
+        if self.parallel is not None and self.active.get(key, 0) >= self.parallel:
+            return False
+        if self.max_loaded is not None:
+            busy_others = sum(1 for k, n in self.active.items() if n > 0 and k != key)
+            if busy_others >= self.max_loaded:
+                return False
+        return True
+
+    async def acquire(self, key: str) -> None:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        self.waiting += 1
+        try:
+            async with cond:
+                await cond.wait_for(lambda: self._can_run(key))
+                self.active[key] = self.active.get(key, 0) + 1
+        finally:
+            self.waiting -= 1
+
+    def release(self, key: str) -> None:
+        self.active[key] = max(self.active.get(key, 0) - 1, 0)
+        if self._cond is not None:
+            # called from a handler's finally (maybe cancelled): wake the queue from a task
+            task = asyncio.get_running_loop().create_task(self._wake(self._cond))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _wake(cond: asyncio.Condition) -> None:
+        async with cond:
+            cond.notify_all()
 
 
 # --------------------------------------------------------------------------------------
@@ -727,19 +840,35 @@ class FakeServer:
         tokens: int = DEFAULT_TOKENS,
         token_delay: float = 0.0,
         faults: Mapping[str, Any] | None = None,
+        model_info: Mapping[str, Arch] | None = None,
+        context_length: int = DEFAULT_CONTEXT,
+        parallel: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_loaded_models: int | None = None,
+        load_time: float = 0.0,
+        prompt_delay: float = 0.0,
+        tokens_per_second: float | None = None,
+        silent_sse_errors: bool = False,
     ) -> None:
         self.name = name
         self.version = version
         self.vram = vram
         self.cpu = cpu or name.lower() == "cpu"
         self.tokens = tokens
-        self.token_delay = token_delay
+        self.token_delay = 1.0 / tokens_per_second if tokens_per_second else token_delay
+        self.context_length = context_length
         self.started = time.time()
         self.models: dict[str, ModelInfo] = {}
+        archs = {_key(k): v for k, v in (model_info or {}).items()}
         items = models.items() if isinstance(models, Mapping) else models
         for i, (mname, size) in enumerate(DEFAULT_MODELS if items is None else items):
-            info = _make_model(mname, int(size), self.started - 86400.0 * (i + 1))
+            epoch = self.started - 86400.0 * (i + 1)
+            info = _make_model(mname, int(size), epoch, archs.get(_key(mname)))
             self.models[info.key] = info
+        self.sched = Scheduler(parallel, max_queue, max_loaded_models)
+        self.load_time = load_time
+        self.prompt_delay = prompt_delay
+        self.silent_sse_errors = silent_sse_errors
         self.loaded: dict[str, Loaded] = {}
         self.blobs: set[str] = set()
         self.log: deque[Record] = deque(maxlen=MAX_LOG)
@@ -871,6 +1000,9 @@ class FakeServer:
             finally:
                 if ctx.unload is not None:
                     self.loaded.pop(ctx.unload, None)
+                if ctx.slot is not None:
+                    self.sched.release(ctx.slot)
+                rec.finished_seq = self.sched.tick()
             return resp
 
         return handler
@@ -969,11 +1101,16 @@ class FakeServer:
         body: Mapping[str, Any],
         keep_alive: float | None,
     ) -> int:
-        """Scheduler faults, then mark the model loaded; returns the load time in ns."""
+        """Queue for a slot, scheduler faults, then load (or reuse) the model.
+
+        Returns the load time in ns: ``load_time`` (plus any ``load_delay`` fault)
+        when this request loaded the model, near zero when it was already loaded.
+        """
         f = self.faults
         applies = f.applies(model)
         if f.busy and applies:
             raise Reply(self._err(ctx, 503, BUSY_TEXT))
+        await self._admit(ctx, info)
         t = time.perf_counter_ns()
         if f.load_delay > 0.0 and applies:
             await asyncio.sleep(f.load_delay)
@@ -983,27 +1120,60 @@ class FakeServer:
         if f.driver_error and f.applies(model):
             text = f.driver_text or DRIVER_TEXT.format(path=info.blob_path)
             raise Reply(self._err(ctx, 500, text))
-        opts = body.get("options")
-        opts = opts if isinstance(opts, Mapping) else {}
-        num_gpu = opts.get("num_gpu")
-        if self.cpu or num_gpu == 0:
-            size_vram = 0
-        elif self.vram is None or info.size <= self.vram:
-            size_vram = info.size
-        else:
-            size_vram = self.vram
+        opts = _mapping(body.get("options"))
         num_ctx = opts.get("num_ctx")
-        ctx_len = (
+        ctx_len = min(
             num_ctx
             if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx > 0
-            else DEFAULT_CONTEXT
+            else self.context_length,
+            info.context_max,
         )
+        size = info.size + info.kv_cache_bytes(ctx_len)
+        if self.cpu or opts.get("num_gpu") == 0:
+            size_vram = 0
+        elif self.vram is None:
+            size_vram = size
+        else:
+            size_vram = min(size, self.vram)  # past the GPU's memory, the rest spills to RAM
+        now = time.time()
+        current = self.loaded.get(info.key)
+        if (
+            current is None
+            or current.expires <= now
+            or current.context_length != ctx_len
+            or current.size_vram != size_vram
+        ):
+            self._evict_for(info.key)
+            if self.load_time > 0.0:
+                await asyncio.sleep(self.load_time)
         ka = DEFAULT_KEEP_ALIVE_S if keep_alive is None else keep_alive
         expires = time.time() + (FOREVER_S if ka < 0 else ka)
-        self.loaded[info.key] = Loaded(info, expires, size_vram, min(ctx_len, info.context_max))
+        self.loaded[info.key] = Loaded(info, expires, size, size_vram, ctx_len)
         if ka == 0:
             ctx.unload = info.key
         return time.perf_counter_ns() - t
+
+    async def _admit(self, ctx: Ctx, info: ModelInfo) -> None:
+        """Wait for a slot as Ollama's scheduler does; 503 busy when the queue is full."""
+        if not self.sched.limited:
+            ctx.rec.admitted_seq = self.sched.tick()
+            return
+        if not self.sched.has_room():
+            raise Reply(self._err(ctx, 503, BUSY_TEXT))
+        await self.sched.acquire(info.key)
+        ctx.slot = info.key
+        ctx.rec.admitted_seq = self.sched.tick()
+
+    def _evict_for(self, key: str) -> None:
+        """Make room for ``key`` under the loaded-model limit: unload idle models first."""
+        self.loaded.pop(key, None)
+        limit = self.sched.max_loaded
+        if limit is None:
+            return
+        others = [k for k in self.loaded if k != key]
+        others.sort(key=lambda k: (self.sched.active.get(k, 0) > 0, self.loaded[k].expires))
+        while len(others) >= limit:
+            self.loaded.pop(others.pop(0), None)
 
     def _keep_alive(self, ctx: Ctx, body: Mapping[str, Any]) -> float | None:
         try:
@@ -1130,6 +1300,13 @@ class FakeServer:
         d = self.faults.token_delay
         return self.token_delay if d is None else d
 
+    async def _prompt(self, plan: Plan) -> None:
+        """Prompt evaluation: ``prompt_delay`` before the first token."""
+        if self.prompt_delay > 0.0:
+            t = time.perf_counter_ns()
+            await asyncio.sleep(self.prompt_delay)
+            plan.prompt_ns = time.perf_counter_ns() - t
+
     def _stop_point(self, model: str, n_events: int) -> tuple[int | None, bool]:
         """(chunks before the fault fires or None, True if it is a connection abort)."""
         f = self.faults
@@ -1151,6 +1328,7 @@ class FakeServer:
         final: Callable[[], bytes],
         error_chunk: Callable[[str], bytes],
     ) -> web.StreamResponse:
+        await self._prompt(plan)
         resp = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         ctx.resp = resp
         await resp.prepare(ctx.request)
@@ -1191,6 +1369,7 @@ class FakeServer:
 
     async def _whole(self, ctx: Ctx, plan: Plan, build: Callable[[], Any]) -> web.StreamResponse:
         """A non-streaming reply: wait as long as generating would take, then answer."""
+        await self._prompt(plan)
         delay = self._delay()
         stop_at, abort = self._stop_point(plan.model, plan.n_events)
         steps = plan.n_events if stop_at is None else stop_at
@@ -1461,9 +1640,11 @@ class FakeServer:
                 "general.file_type": 1 if info.embedding else 15,
                 "general.parameter_count": param_count,
                 "general.quantization_version": 2,
-                f"{fam}.context_length": info.context_max,
-                f"{fam}.embedding_length": 768 if info.embedding else 3072,
-                f"{fam}.block_count": 12 if info.embedding else 28,
+                f"{fam}.context_length": info.arch.context_length,
+                f"{fam}.embedding_length": info.arch.embedding_length,
+                f"{fam}.block_count": info.arch.block_count,
+                f"{fam}.attention.head_count": info.arch.head_count,
+                f"{fam}.attention.head_count_kv": info.arch.head_count_kv,
             },
             "tensors": [],
             "capabilities": info.capabilities,
@@ -1548,7 +1729,8 @@ class FakeServer:
 
         def done() -> None:
             size = existing.size if existing is not None else total + sum(s for _, s in small)
-            info = _make_model(model, size, time.time())
+            arch = existing.arch if existing is not None else None
+            info = _make_model(model, size, time.time(), arch)
             self.models[info.key] = info
             self.blobs.add(digest)
             if info.key in self.faults.missing_models:
@@ -1609,7 +1791,7 @@ class FakeServer:
             yield {"status": "success"}
 
         def done() -> None:
-            info = _make_model(model, size, time.time())
+            info = _make_model(model, size, time.time(), base.arch if base is not None else None)
             self.models[info.key] = info
 
         return await self._progress(ctx, body.get("stream") is not False, lines(), done)
@@ -1624,7 +1806,7 @@ class FakeServer:
         info = self.lookup(src)
         if info is None:
             raise Reply(self._err(ctx, 404, f'model "{src}" not found'))
-        new = _make_model(dst, info.size, time.time())
+        new = _make_model(dst, info.size, time.time(), info.arch)
         self.models[new.key] = new
         return web.Response(status=200)
 
@@ -1681,7 +1863,7 @@ class FakeServer:
                 {
                     "name": info.name,
                     "model": info.name,
-                    "size": info.size,
+                    "size": ld.size,
                     "digest": info.digest,
                     "details": info.details(),
                     "expires_at": _iso_at(ld.expires),

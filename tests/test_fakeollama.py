@@ -109,7 +109,8 @@ def test_ps_loading_and_keep_alive(client: ollama.Client) -> None:
     client.chat(model="llama3.2", messages=MSGS, options={"num_ctx": 8192})
     ps = {m.model: m for m in client.ps().models}
     m = ps["llama3.2:latest"]
-    assert m.size_vram == m.size == 2_000_000_000
+    # weights plus the f16 KV cache: 2 * 28 blocks * 8192 * (3072 / 24 heads) * 8 KV heads * 2 B
+    assert m.size_vram == m.size == 2_000_000_000 + 939_524_096
     assert m.context_length == 8192
     assert m.expires_at is not None
     left = m.expires_at - datetime.now(UTC)
@@ -127,7 +128,7 @@ def test_ps_cpu_and_partial_offload() -> None:
     with FakeOllama.start("cpu", cpu=True) as cpu, FakeOllama.start("small", vram=3e9) as small:
         for fake, model, vram in (
             (cpu, "llama3.2", 0),
-            (small, "llama3.2", 2_000_000_000),
+            (small, "llama3.2", 2_000_000_000 + 469_762_048),  # weights + KV at 4096
             (small, "qwen2.5-coder:7b", 3_000_000_000),
         ):
             c = ollama.Client(host=fake.url)
