@@ -259,7 +259,9 @@ class ModelInfo:
     def kv_cache_bytes(self, num_ctx: int) -> int:
         """f16 K and V for ``num_ctx`` tokens, as Ollama estimates it from model_info."""
         a = self.arch
-        return 2 * a.block_count * num_ctx * (a.embedding_length // a.head_count) * a.head_count_kv * 2
+        return (
+            2 * a.block_count * num_ctx * (a.embedding_length // a.head_count) * a.head_count_kv * 2
+        )
 
     @property
     def capabilities(self) -> list[str]:
@@ -283,9 +285,7 @@ _FAMILIES: Final = (
 )
 
 
-def _make_model(
-    name: str, size: int, modified_epoch: float, arch: Arch | None = None
-) -> ModelInfo:
+def _make_model(name: str, size: int, modified_epoch: float, arch: Arch | None = None) -> ModelInfo:
     name = normalize_name(name)
     base = name.rsplit("/", 1)[-1].split(":", 1)[0].lower()
     family = next((fam for prefix, fam in _FAMILIES if base.startswith(prefix)), "")
@@ -740,11 +740,35 @@ _GO_REQUEST_TYPES: Final = {
     "v1chat": "openai.ChatCompletionRequest",
     "v1completions": "openai.CompletionRequest",
     "v1embeddings": "openai.EmbedRequest",
+    "anthropic": "anthropic.MessagesRequest",
+    "count_tokens": "anthropic.CountTokensRequest",
+    "v1responses": "openai.ResponsesRequest",
 }
 
 _GENERATION_KINDS: Final = frozenset(
-    {"chat", "generate", "embed", "embeddings", "v1chat", "v1completions", "v1embeddings"}
+    {
+        "chat",
+        "generate",
+        "embed",
+        "embeddings",
+        "v1chat",
+        "v1completions",
+        "v1embeddings",
+        "anthropic",
+        "v1responses",
+    }
 )
+_ANTHROPIC_KINDS: Final = frozenset({"anthropic", "count_tokens"})
+# Anthropic's error type per status, as Ollama's anthropic.NewError maps them
+_ANTHROPIC_ERRORS: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def parse_keep_alive(raw: Any) -> float | None:
@@ -928,6 +952,9 @@ class FakeServer:
         r.add_post("/v1/chat/completions", self._wrap("v1chat", self._v1_chat))
         r.add_post("/v1/completions", self._wrap("v1completions", self._v1_completions))
         r.add_post("/v1/embeddings", self._wrap("v1embeddings", self._v1_embeddings))
+        r.add_post("/v1/messages", self._wrap("anthropic", self._messages))
+        r.add_post("/v1/messages/count_tokens", self._wrap("count_tokens", self._count_tokens))
+        r.add_post("/v1/responses", self._wrap("v1responses", self._responses))
         r.add_get("/v1/models", self._v1_models)
         r.add_get("/v1/models/{model:.+}", self._v1_model)
         r.add_get("/_fake/requests", self._fake_requests)
@@ -966,6 +993,14 @@ class FakeServer:
         return web.Response(status=status, body=_dumpb(obj), headers={"Content-Type": JSON_CT})
 
     def _err(self, ctx: Ctx | None, status: int, message: str) -> web.Response:
+        if ctx is not None and ctx.kind in _ANTHROPIC_KINDS:
+            etype = _ANTHROPIC_ERRORS.get(status, "api_error")
+            body = {
+                "type": "error",
+                "error": {"type": etype, "message": message},
+                "request_id": "req_" + secrets.token_hex(12),
+            }
+            return self._json(body, status)
         if ctx is not None and ctx.v1:
             etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
             body = {"error": {"message": message, "type": etype, "param": None, "code": None}}
@@ -1021,7 +1056,7 @@ class FakeServer:
         body: Any = None
         error: str | None = None
         if not doc.strip():
-            error = "EOF" if ctx.v1 else "missing request body"
+            error = "EOF" if ctx.v1 or ctx.kind in _ANTHROPIC_KINDS else "missing request body"
         else:
             try:
                 # Go's decoder reads one value and ignores what follows it
@@ -1206,11 +1241,12 @@ class FakeServer:
                 status=200, body=_dumpb(obj), headers={"Content-Type": "text/plain; charset=utf-8"}
             )
         # truncated: a 200 stream whose first line stops mid-object
-        resp = web.StreamResponse(status=200, headers={"Content-Type": SSE if ctx.v1 else NDJSON})
+        sse = ctx.v1 or ctx.kind in _ANTHROPIC_KINDS
+        resp = web.StreamResponse(status=200, headers={"Content-Type": SSE if sse else NDJSON})
         resp.force_close()
         ctx.resp = resp
         await resp.prepare(ctx.request)
-        if ctx.v1:
+        if sse:
             partial = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choi'
         else:
             partial = (
@@ -2177,6 +2213,537 @@ class FakeServer:
             }
         )
 
+    # ---- Anthropic Messages (/v1/messages) --------------------------------------------
+
+    @staticmethod
+    def _anthropic_tools(raw: Any) -> list[dict[str, Any]] | None:
+        """Anthropic tool definitions in the native ``function`` form _plan reads."""
+        if not isinstance(raw, list) or not raw:
+            return None
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name", ""),
+                    "parameters": _mapping(t.get("input_schema")),
+                },
+            }
+            for t in raw
+            if isinstance(t, Mapping)
+        ]
+
+    @staticmethod
+    def _anthropic_text(content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(
+                str(b.get("text", ""))
+                for b in content
+                if isinstance(b, Mapping) and b.get("type") == "text"
+            )
+        return ""
+
+    def _cap(self, raw: Any) -> int | None:
+        """A client's token limit as num_predict: only when it cuts the reply short."""
+        if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < self.tokens:
+            return raw
+        return None
+
+    @staticmethod
+    def _stop_reason(plan: Plan) -> str:
+        if plan.tool_calls:
+            return "tool_use"
+        return {"stop": "end_turn", "length": "max_tokens"}.get(plan.done_reason, "stop_sequence")
+
+    def _anthropic_error_chunk(self, text: str) -> bytes:
+        if self.silent_sse_errors:
+            return b""
+        err = {"type": "error", "error": {"type": "api_error", "message": text}}
+        return b"event: error\ndata: " + _dumpb(err) + b"\n\n"
+
+    async def _messages(self, ctx: Ctx) -> web.StreamResponse:
+        t0 = time.perf_counter_ns()
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        ctx.rec.model = model
+        max_tokens = body.get("max_tokens")
+        messages = body.get("messages") or []
+        # the middleware checks these before the chat handler sees the request
+        if not model:
+            raise Reply(self._err(ctx, 400, "model is required"))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise Reply(self._err(ctx, 400, "max_tokens is required and must be positive"))
+        if not messages:
+            raise Reply(self._err(ctx, 400, "messages is required"))
+        info = await self._gate(ctx, body, model)
+        if info.embedding:
+            raise Reply(self._err(ctx, 400, f'"{model}" does not support chat'))
+        load_ns = await self._load(ctx, info, model, body, None)
+        last = messages[-1] if isinstance(messages[-1], Mapping) else {}
+        last_blocks = last.get("content") if isinstance(last.get("content"), list) else []
+        answered = any(
+            isinstance(b, Mapping) and b.get("type") == "tool_result" for b in last_blocks
+        )
+        thinking = _mapping(body.get("thinking"))
+        system = self._anthropic_text(body.get("system"))
+        plan = self._plan(
+            model=model,
+            body=body,
+            num_predict=self._cap(max_tokens),
+            think=thinking.get("type") == "enabled" or None,
+            fmt=None,
+            tools=self._anthropic_tools(body.get("tools")),
+            last_role="tool" if answered else None,
+            prompt_tokens=max(
+                1,
+                _words(system)
+                + sum(
+                    _words(self._anthropic_text(m.get("content")))
+                    for m in messages
+                    if isinstance(m, Mapping)
+                ),
+            ),
+            t0=t0,
+            load_ns=load_ns,
+        )
+        mid = "msg_" + secrets.token_hex(12)
+        if not body.get("stream"):
+
+            def build() -> dict[str, Any]:
+                content: list[dict[str, Any]] = []
+                if plan.thinking is not None:
+                    content.append({"type": "thinking", "thinking": plan.thinking})
+                if plan.text:
+                    content.append({"type": "text", "text": plan.text})
+                for tc in plan.tool_calls or []:
+                    fn = tc["function"]
+                    content.append(
+                        {
+                            "type": "tool_use",
+                            "id": tc["id"],
+                            "name": fn["name"],
+                            "input": fn["arguments"],
+                        }
+                    )
+                return {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": content,
+                    "stop_reason": self._stop_reason(plan),
+                    "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.eval_count},
+                }
+
+            return await self._whole(ctx, plan, build)
+        state = {"index": 0, "open": ""}  # the open content block's kind, if any
+
+        def sse(event: str, data: Any) -> bytes:
+            return b"event: " + event.encode() + b"\ndata: " + _dumpb(data) + b"\n\n"
+
+        def start() -> bytes:
+            message = {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0},
+            }
+            return sse("message_start", {"type": "message_start", "message": message})
+
+        def close_block() -> bytes:
+            if not state["open"]:
+                return b""
+            out = sse("content_block_stop", {"type": "content_block_stop", "index": state["index"]})
+            state["index"] = int(state["index"]) + 1
+            state["open"] = ""
+            return out
+
+        def open_block(kind: str, block: dict[str, Any]) -> bytes:
+            out = b""
+            if state["open"] != kind:
+                out = close_block()
+                out += sse(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": state["index"],
+                        "content_block": block,
+                    },
+                )
+                state["open"] = kind
+            return out
+
+        def chunks() -> Iterator[bytes]:
+            head = start()
+            if plan.thinking is not None:
+                yield (
+                    head
+                    + open_block("thinking", {"type": "thinking", "thinking": ""})
+                    + sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": state["index"],
+                            "delta": {"type": "thinking_delta", "thinking": plan.thinking},
+                        },
+                    )
+                )
+                head = b""
+            for pj in plan.piece_json:
+                yield (
+                    head
+                    + open_block("text", {"type": "text", "text": ""})
+                    + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(state["index"]).encode()
+                    + b',"delta":{"type":"text_delta","text":'
+                    + pj
+                    + b"}}\n\n"
+                )
+                head = b""
+            for tc in plan.tool_calls or []:
+                fn = tc["function"]
+                block = {"type": "tool_use", "id": tc["id"], "name": fn["name"], "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": _encode(fn["arguments"])}
+                out = head + close_block() + open_block("tool_use", block)
+                out += sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": state["index"], "delta": delta},
+                )
+                yield out + close_block()
+                head = b""
+
+        def final() -> bytes:
+            usage = {"input_tokens": plan.prompt_tokens, "output_tokens": plan.eval_count}
+            return (
+                (start() if plan.n_events == 0 else b"")
+                + close_block()
+                + sse(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": self._stop_reason(plan)},
+                        "usage": usage,
+                    },
+                )
+                + sse("message_stop", {"type": "message_stop"})
+            )
+
+        return await self._stream(ctx, plan, SSE, chunks(), final, self._anthropic_error_chunk)
+
+    async def _count_tokens(self, ctx: Ctx) -> web.StreamResponse:
+        """Ollama estimates, it does not tokenize: a quarter of the characters."""
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        ctx.rec.model = model
+        if not model:
+            raise Reply(self._err(ctx, 400, "model is required"))
+        chars = len(self._anthropic_text(body.get("system")))
+        for m in body.get("messages") or []:
+            if isinstance(m, Mapping):
+                chars += len(str(m.get("role", ""))) + len(self._anthropic_text(m.get("content")))
+        for t in body.get("tools") or []:
+            if isinstance(t, Mapping):
+                chars += len(str(t.get("name", ""))) + len(str(t.get("description", "")))
+                chars += len(_encode(t.get("input_schema") or {}))
+        tokens = chars // 4 or (1 if body.get("messages") or body.get("system") else 0)
+        ctx.rec.chunks_sent = 1
+        return self._json({"input_tokens": tokens})
+
+    # ---- OpenAI Responses (/v1/responses) ---------------------------------------------
+
+    @staticmethod
+    def _responses_input(raw: Any) -> tuple[int, str | None]:
+        """(prompt words, the last item's role) of a Responses ``input``."""
+        if isinstance(raw, str):
+            return _words(raw), "user"
+        words, role = 0, None
+        for item in raw if isinstance(raw, list) else []:
+            if not isinstance(item, Mapping):
+                continue
+            kind = item.get("type") or ("message" if item.get("role") else "")
+            if kind == "function_call_output":
+                role = "tool"
+                words += _words(item.get("output"))
+            elif kind == "message":
+                role = str(item.get("role") or "user")
+                content = item.get("content")
+                if isinstance(content, list):
+                    words += sum(_words(p.get("text")) for p in content if isinstance(p, Mapping))
+                else:
+                    words += _words(content)
+        return words, role
+
+    def _response_obj(
+        self, rid: str, model: str, body: Mapping[str, Any], status: str, output: list[Any]
+    ) -> dict[str, Any]:
+        instructions = body.get("instructions") or None
+        text = _mapping(body.get("text"))
+        reasoning = _mapping(body.get("reasoning"))
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "completed_at": None,
+            "status": status,
+            "incomplete_details": None,
+            "model": model,
+            "previous_response_id": None,
+            "instructions": instructions,
+            "output": output,
+            "error": None,
+            "tools": body.get("tools") or [],
+            "tool_choice": "auto",
+            "truncation": body.get("truncation") or "disabled",
+            "parallel_tool_calls": True,
+            "text": {"format": _mapping(text.get("format")) or {"type": "text"}},
+            "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "top_logprobs": 0,
+            "temperature": body.get("temperature") if body.get("temperature") is not None else 1.0,
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+            if reasoning
+            else None,
+            "usage": None,
+            "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": None,
+            "store": False,
+            "background": bool(body.get("background")),
+            "service_tier": "default",
+            "metadata": {},
+            "safety_identifier": None,
+            "prompt_cache_key": None,
+        }
+
+    @staticmethod
+    def _responses_usage(plan: Plan) -> dict[str, Any]:
+        return {
+            "input_tokens": plan.prompt_tokens,
+            "output_tokens": plan.eval_count,
+            "total_tokens": plan.prompt_tokens + plan.eval_count,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+
+    @staticmethod
+    def _output_text(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    async def _responses(self, ctx: Ctx) -> web.StreamResponse:
+        t0 = time.perf_counter_ns()
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        info = await self._gate(ctx, body, model)
+        if info.embedding:
+            raise Reply(self._err(ctx, 400, f'"{model}" does not support chat'))
+        reasoning = _mapping(body.get("reasoning"))
+        effort = reasoning.get("effort")
+        if effort not in (None, "", "none", "low", "medium", "high", "max"):
+            msg = (
+                f'invalid reasoning value: "{effort}" '
+                '(must be "high", "medium", "low", "max", or "none")'
+            )
+            raise Reply(self._err(ctx, 400, msg))
+        load_ns = await self._load(ctx, info, model, body, None)
+        words, last_role = self._responses_input(body.get("input"))
+        raw_tools = body.get("tools")
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name", ""),
+                    "parameters": _mapping(t.get("parameters")),
+                },
+            }
+            for t in (raw_tools if isinstance(raw_tools, list) else [])
+            if isinstance(t, Mapping) and t.get("type") == "function"
+        ]
+        plan = self._plan(
+            model=model,
+            body=body,
+            num_predict=self._cap(body.get("max_output_tokens")),
+            think=effort if effort not in ("", "none") else None,
+            fmt=None,
+            tools=tools or None,
+            last_role=last_role,
+            prompt_tokens=max(1, words + _words(body.get("instructions"))),
+            t0=t0,
+            load_ns=load_ns,
+        )
+        rid = f"resp_{secrets.randbelow(999999)}"
+        item_id = f"msg_{secrets.randbelow(999999)}"
+        rs_id = f"rs_{secrets.randbelow(999999)}"
+        calls = [
+            {
+                "id": f"fc_{secrets.randbelow(999999)}_{i}",
+                "type": "function_call",
+                "status": "completed",
+                "call_id": tc["id"],
+                "name": tc["function"]["name"],
+                "arguments": _encode(tc["function"]["arguments"]),
+            }
+            for i, tc in enumerate(plan.tool_calls or [])
+        ]
+
+        def reasoning_item() -> dict[str, Any]:
+            summary = [{"type": "summary_text", "text": plan.thinking}]
+            return {
+                "id": rs_id,
+                "type": "reasoning",
+                "summary": summary,
+                "encrypted_content": plan.thinking,
+            }
+
+        def message_item() -> dict[str, Any]:
+            return {
+                "id": item_id,
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [self._output_text(plan.text)],
+            }
+
+        def output() -> list[Any]:
+            out: list[Any] = [reasoning_item()] if plan.thinking is not None else []
+            return out + (calls if calls else [message_item()] if plan.text else [])
+
+        if not body.get("stream"):
+
+            def build() -> dict[str, Any]:
+                obj = self._response_obj(rid, model, body, "completed", output())
+                obj["completed_at"] = int(time.time())
+                obj["usage"] = self._responses_usage(plan)
+                return obj
+
+            return await self._whole(ctx, plan, build)
+        seq = [0]
+        out_index = [0]
+
+        def ev(event: str, data: dict[str, Any]) -> bytes:
+            data = {"type": event, **data, "sequence_number": seq[0]}
+            seq[0] += 1
+            return b"event: " + event.encode() + b"\ndata: " + _dumpb(data) + b"\n\n"
+
+        def head() -> bytes:
+            obj = self._response_obj(rid, model, body, "in_progress", [])
+            return ev("response.created", {"response": obj}) + ev(
+                "response.in_progress", {"response": obj}
+            )
+
+        def finish_reasoning() -> bytes:
+            if plan.thinking is None or out_index[0] > 0:
+                return b""
+            out = ev(
+                "response.reasoning_summary_text.done",
+                {"item_id": rs_id, "output_index": 0, "summary_index": 0, "text": plan.thinking},
+            )
+            out += ev("response.output_item.done", {"output_index": 0, "item": reasoning_item()})
+            out_index[0] = 1
+            return out
+
+        def chunks() -> Iterator[bytes]:
+            first = head()
+            if plan.thinking is not None:
+                item = {"id": rs_id, "type": "reasoning", "summary": []}
+                yield (
+                    first
+                    + ev("response.output_item.added", {"output_index": 0, "item": item})
+                    + ev(
+                        "response.reasoning_summary_text.delta",
+                        {
+                            "item_id": rs_id,
+                            "output_index": 0,
+                            "summary_index": 0,
+                            "delta": plan.thinking,
+                        },
+                    )
+                )
+                first = b""
+            for i, pj in enumerate(plan.piece_json):
+                out = first + finish_reasoning()
+                if i == 0:
+                    added = {
+                        "id": item_id,
+                        "type": "message",
+                        "status": "in_progress",
+                        "role": "assistant",
+                        "content": [],
+                    }
+                    out += ev(
+                        "response.output_item.added", {"output_index": out_index[0], "item": added}
+                    )
+                    out += ev(
+                        "response.content_part.added",
+                        {
+                            "item_id": item_id,
+                            "output_index": out_index[0],
+                            "content_index": 0,
+                            "part": self._output_text(""),
+                        },
+                    )
+                delta = json.loads(pj)
+                out += ev(
+                    "response.output_text.delta",
+                    {
+                        "item_id": item_id,
+                        "output_index": out_index[0],
+                        "content_index": 0,
+                        "delta": delta,
+                        "logprobs": [],
+                    },
+                )
+                yield out
+                first = b""
+            if calls:
+                out = first + finish_reasoning()
+                for i, call in enumerate(calls):
+                    idx = out_index[0] + i
+                    added = {**call, "status": "in_progress", "arguments": ""}
+                    out += ev("response.output_item.added", {"output_index": idx, "item": added})
+                    out += ev(
+                        "response.function_call_arguments.delta",
+                        {"item_id": call["id"], "output_index": idx, "delta": call["arguments"]},
+                    )
+                    out += ev(
+                        "response.function_call_arguments.done",
+                        {
+                            "item_id": call["id"],
+                            "output_index": idx,
+                            "arguments": call["arguments"],
+                        },
+                    )
+                    out += ev("response.output_item.done", {"output_index": idx, "item": call})
+                yield out
+
+        def final() -> bytes:
+            out = (head() if plan.n_events == 0 else b"") + finish_reasoning()
+            if not calls and plan.piece_json:
+                where = {"item_id": item_id, "output_index": out_index[0], "content_index": 0}
+                out += ev("response.output_text.done", {**where, "text": plan.text, "logprobs": []})
+                out += ev(
+                    "response.content_part.done", {**where, "part": self._output_text(plan.text)}
+                )
+                out += ev(
+                    "response.output_item.done",
+                    {"output_index": out_index[0], "item": message_item()},
+                )
+            obj = self._response_obj(rid, model, body, "completed", output())
+            obj["completed_at"] = int(time.time())
+            obj["usage"] = self._responses_usage(plan)
+            return out + ev("response.completed", {"response": obj})
+
+        def error_chunk(text: str) -> bytes:
+            if self.silent_sse_errors:
+                return b""
+            obj = self._response_obj(rid, model, body, "failed", [])
+            obj["error"] = {"code": "server_error", "message": text}
+            return ev("response.failed", {"response": obj})
+
+        return await self._stream(ctx, plan, SSE, chunks(), final, error_chunk)
+
     # ---- control ----------------------------------------------------------------------
 
     async def _fake_requests(self, request: web.Request) -> web.StreamResponse:
@@ -2220,6 +2787,20 @@ class FakeServer:
         )
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        """Gin's own 404 for a path Ollama does not serve, logged so pass-through shows."""
+        rec = Record(self._next_id, request)
+        self._next_id += 1
+        self.log.append(rec)
+        raw = await request.read()
+        if request.content_type == "application/json" and raw.strip():
+            with contextlib.suppress(ValueError):
+                rec.body = json.loads(raw)
+        elif raw:
+            rec.body = {"bytes": len(raw), "content_type": request.content_type}
+        if isinstance(rec.body, dict) and isinstance(rec.body.get("model"), str):
+            rec.model = rec.body["model"]
+        rec.finish("failed", 404)
+        rec.finished_seq = self.sched.tick()
         return web.Response(status=404, text="404 page not found", content_type="text/plain")
 
 
@@ -2236,6 +2817,8 @@ _LOGGED_PREFIXES: Final = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/responses",
 )
 
 
@@ -2322,6 +2905,17 @@ def _parse_model(spec: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"bad size in --model {spec!r}") from None
 
 
+def _parse_arch(spec: str) -> tuple[str, Arch]:
+    name, _, nums = spec.partition("=")
+    try:
+        vals = [int(x) for x in nums.split(",")]
+    except ValueError:
+        vals = []
+    if not name or len(vals) not in (4, 5) or min(vals) <= 0 or vals[1] % vals[2]:
+        raise argparse.ArgumentTypeError(f"bad --model-info {spec!r}")
+    return name, Arch(*vals[:4], vals[4] if len(vals) == 5 else 131072)
+
+
 def _parse_size(raw: str) -> int:
     try:
         return int(float(raw))
@@ -2350,6 +2944,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="a CPU server: size_vram is always 0")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="reply length in tokens")
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument(
+        "--model-info",
+        action="append",
+        type=_parse_arch,
+        metavar="NAME=BLOCKS,EMBED,HEADS,KV_HEADS[,CTX]",
+        help="a model's architecture (model_info; decides its KV cache per token)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=DEFAULT_CONTEXT,
+        help="context when a request sets no num_ctx (OLLAMA_CONTEXT_LENGTH)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="requests per model at once (OLLAMA_NUM_PARALLEL)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="waiting requests before 503 busy (OLLAMA_MAX_QUEUE)",
+    )
+    p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=None,
+        help="models loaded at once; 1 = a GPU that evicts (OLLAMA_MAX_LOADED_MODELS)",
+    )
+    p.add_argument(
+        "--load-time", type=float, default=0.0, help="seconds a request waits to load its model"
+    )
+    p.add_argument(
+        "--prompt-delay", type=float, default=0.0, help="seconds of prompt evaluation per request"
+    )
+    p.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=None,
+        help="generation speed (overrides --token-delay)",
+    )
+    p.add_argument(
+        "--silent-sse-errors",
+        action="store_true",
+        help="end /v1/messages and /v1/responses streams on an error without an error event",
+    )
     p.add_argument("--faults", default=None, help="fault set as JSON (or @FILE)")
     p.add_argument("--ready-file", default=None, help="write the port here once listening")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
@@ -2403,6 +3045,15 @@ def main(argv: list[str] | None = None) -> int:
             tokens=args.tokens,
             token_delay=args.token_delay,
             faults=faults,
+            model_info=dict(args.model_info or ()),
+            context_length=args.context_length,
+            parallel=args.parallel,
+            max_queue=args.max_queue,
+            max_loaded_models=args.max_loaded_models,
+            load_time=args.load_time,
+            prompt_delay=args.prompt_delay,
+            tokens_per_second=args.tokens_per_second,
+            silent_sse_errors=args.silent_sse_errors,
         )
         await serve(
             server,
