@@ -2783,6 +2783,8 @@ class FakeServer:
                 "running": running,
                 "logged": len(self.log),
                 "loaded": sorted(self.loaded),
+                "waiting": self.sched.waiting,
+                "active": {k: n for k, n in self.sched.active.items() if n},
             }
         )
 
