@@ -135,6 +135,13 @@ def _dumpb(obj: Any) -> bytes:
     return _encode(obj).encode()
 
 
+async def _sleep_at_least(seconds: float) -> None:
+    """Sleep no less than ``seconds`` by the wall clock (uvloop's timers may fire early)."""
+    end = time.perf_counter() + seconds
+    while (left := end - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
+
+
 def _now_iso() -> str:
     """The current UTC time in RFC 3339 with nanoseconds, like Go's time.Time."""
     ns = time.time_ns()
@@ -1148,7 +1155,7 @@ class FakeServer:
         await self._admit(ctx, info)
         t = time.perf_counter_ns()
         if f.load_delay > 0.0 and applies:
-            await asyncio.sleep(f.load_delay)
+            await _sleep_at_least(f.load_delay)
         f = self.faults
         if info.key in f.oom_models:
             raise Reply(self._err(ctx, 500, f.oom_text))
@@ -1180,7 +1187,7 @@ class FakeServer:
         ):
             self._evict_for(info.key)
             if self.load_time > 0.0:
-                await asyncio.sleep(self.load_time)
+                await _sleep_at_least(self.load_time)
         ka = DEFAULT_KEEP_ALIVE_S if keep_alive is None else keep_alive
         expires = time.time() + (FOREVER_S if ka < 0 else ka)
         self.loaded[info.key] = Loaded(info, expires, size, size_vram, ctx_len)
@@ -1340,7 +1347,7 @@ class FakeServer:
         """Prompt evaluation: ``prompt_delay`` before the first token."""
         if self.prompt_delay > 0.0:
             t = time.perf_counter_ns()
-            await asyncio.sleep(self.prompt_delay)
+            await _sleep_at_least(self.prompt_delay)
             plan.prompt_ns = time.perf_counter_ns() - t
 
     def _stop_point(self, model: str, n_events: int) -> tuple[int | None, bool]:
@@ -1378,7 +1385,7 @@ class FakeServer:
                 break
             if delay > 0.0:
                 if sent:
-                    await asyncio.sleep(delay)
+                    await _sleep_at_least(delay)
             elif sent & 255 == 255:
                 await asyncio.sleep(0)
             await write(chunk)
@@ -1392,13 +1399,13 @@ class FakeServer:
                     transport.abort()
                 return resp
             if delay > 0.0 and sent:
-                await asyncio.sleep(delay)
+                await _sleep_at_least(delay)
             await write(error_chunk(self.faults.error_text))
             rec.chunks_sent = sent + 1
             rec.finish("failed", 200)
             return resp
         if delay > 0.0 and sent:
-            await asyncio.sleep(delay)
+            await _sleep_at_least(delay)
         await write(final())
         rec.chunks_sent = sent + 1
         return resp
@@ -1410,7 +1417,7 @@ class FakeServer:
         stop_at, abort = self._stop_point(plan.model, plan.n_events)
         steps = plan.n_events if stop_at is None else stop_at
         if delay > 0.0 and steps:
-            await asyncio.sleep(delay * steps)
+            await _sleep_at_least(delay * steps)
         if stop_at is not None:
             if abort:
                 ctx.rec.finish("failed", None)
@@ -2281,7 +2288,8 @@ class FakeServer:
             raise Reply(self._err(ctx, 400, f'"{model}" does not support chat'))
         load_ns = await self._load(ctx, info, model, body, None)
         last = messages[-1] if isinstance(messages[-1], Mapping) else {}
-        last_blocks = last.get("content") if isinstance(last.get("content"), list) else []
+        content = last.get("content")
+        last_blocks: list[Any] = content if isinstance(content, list) else []
         answered = any(
             isinstance(b, Mapping) and b.get("type") == "tool_result" for b in last_blocks
         )
@@ -2337,13 +2345,14 @@ class FakeServer:
                 }
 
             return await self._whole(ctx, plan, build)
-        state = {"index": 0, "open": ""}  # the open content block's kind, if any
+        index = [0]  # the current content block
+        open_kind = [""]  # the open content block's kind, if any
 
         def sse(event: str, data: Any) -> bytes:
             return b"event: " + event.encode() + b"\ndata: " + _dumpb(data) + b"\n\n"
 
         def start() -> bytes:
-            message = {
+            message: dict[str, Any] = {
                 "id": mid,
                 "type": "message",
                 "role": "assistant",
@@ -2354,26 +2363,26 @@ class FakeServer:
             return sse("message_start", {"type": "message_start", "message": message})
 
         def close_block() -> bytes:
-            if not state["open"]:
+            if not open_kind[0]:
                 return b""
-            out = sse("content_block_stop", {"type": "content_block_stop", "index": state["index"]})
-            state["index"] = int(state["index"]) + 1
-            state["open"] = ""
+            out = sse("content_block_stop", {"type": "content_block_stop", "index": index[0]})
+            index[0] += 1
+            open_kind[0] = ""
             return out
 
         def open_block(kind: str, block: dict[str, Any]) -> bytes:
             out = b""
-            if state["open"] != kind:
+            if open_kind[0] != kind:
                 out = close_block()
                 out += sse(
                     "content_block_start",
                     {
                         "type": "content_block_start",
-                        "index": state["index"],
+                        "index": index[0],
                         "content_block": block,
                     },
                 )
-                state["open"] = kind
+                open_kind[0] = kind
             return out
 
         def chunks() -> Iterator[bytes]:
@@ -2386,7 +2395,7 @@ class FakeServer:
                         "content_block_delta",
                         {
                             "type": "content_block_delta",
-                            "index": state["index"],
+                            "index": index[0],
                             "delta": {"type": "thinking_delta", "thinking": plan.thinking},
                         },
                     )
@@ -2397,7 +2406,7 @@ class FakeServer:
                     head
                     + open_block("text", {"type": "text", "text": ""})
                     + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
-                    + str(state["index"]).encode()
+                    + str(index[0]).encode()
                     + b',"delta":{"type":"text_delta","text":'
                     + pj
                     + b"}}\n\n"
@@ -2410,7 +2419,7 @@ class FakeServer:
                 out = head + close_block() + open_block("tool_use", block)
                 out += sse(
                     "content_block_delta",
-                    {"type": "content_block_delta", "index": state["index"], "delta": delta},
+                    {"type": "content_block_delta", "index": index[0], "delta": delta},
                 )
                 yield out + close_block()
                 head = b""
@@ -2915,7 +2924,8 @@ def _parse_arch(spec: str) -> tuple[str, Arch]:
         vals = []
     if not name or len(vals) not in (4, 5) or min(vals) <= 0 or vals[1] % vals[2]:
         raise argparse.ArgumentTypeError(f"bad --model-info {spec!r}")
-    return name, Arch(*vals[:4], vals[4] if len(vals) == 5 else 131072)
+    ctx_max = vals[4] if len(vals) == 5 else 131072
+    return name, Arch(vals[0], vals[1], vals[2], vals[3], ctx_max)
 
 
 def _parse_size(raw: str) -> int:

@@ -731,7 +731,7 @@ def test_anthropic_errors(claude: anthropic.Anthropic, gpu: FakeOllama) -> None:
     assert oom_body["error"] == {"type": "api_error", "message": OOM}
     # after the first byte: an `event: error` in Anthropic's shape, which the SDK raises
     gpu.set_faults({"error_after_chunks": 2})
-    got = []
+    got: list[str] = []
     with (
         pytest.raises(anthropic.APIStatusError) as mid,
         claude.messages.stream(model="llama3.2", max_tokens=64, messages=CLAUDE_MSGS) as stream,
@@ -839,7 +839,8 @@ def test_openai_responses_errors(oai: openai.OpenAI, gpu: FakeOllama) -> None:
     body: Any = nf.value.body
     assert body["message"] == "model 'nope' not found" and body["type"] == "not_found_error"
     with pytest.raises(openai.BadRequestError):
-        oai.responses.create(model="llama3.2", input="hi", reasoning={"effort": "extreme"})  # type: ignore[typeddict-item]
+        bad: Any = {"effort": "extreme"}
+        oai.responses.create(model="llama3.2", input="hi", reasoning=bad)
     gpu.set_faults({"error_after_chunks": 2})
     events = list(oai.responses.create(model="llama3.2", input="hi", stream=True))
     last = events[-1]
