@@ -1,29 +1,55 @@
 #!/usr/bin/env python3
 """A fake Ollama server for harbord's tests and benchmarks.
 
-Speaks Ollama's native API (``/api/*``) and its OpenAI-compatible API (``/v1/*``)
-with the shapes, statuses and error texts of a real server, and answers
+Speaks Ollama's native API (``/api/*``), its OpenAI-compatible API (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings``, ``/v1/models[/{model}]``, ``/v1/responses``) and its
+Anthropic-compatible API (``/v1/messages``, ``/v1/messages/count_tokens``) with the shapes,
+statuses, SSE event names and error texts of a real server, and answers
 deterministically: N tokens (``options.num_predict``/``max_tokens`` if given, with
-done_reason "length", else ``--tokens``, default 8), the first of which names the
-server (``"[gpu] "``, ``"tok1 "``, ``"tok2 "`` ...). Every response carries
-``X-Fake-Backend: NAME``. A server named ``cpu`` or started with ``--cpu`` reports
-``size_vram: 0`` in ``/api/ps``; with ``--vram`` a bigger model is partly offloaded.
+done_reason "length", else ``--tokens``, default 8; Anthropic's ``max_tokens`` and the
+Responses ``max_output_tokens`` only cap it), the first of which names the server
+(``"[gpu] "``, ``"tok1 "``, ``"tok2 "`` ...). Every response carries
+``X-Fake-Backend: NAME``. A path Ollama does not serve answers Gin's ``404 page not
+found`` and is logged. Ollama's Anthropic stream sends no ``ping`` event, so neither
+does this.
+
+Memory and placement, as Ollama's scheduler behaves: a loaded model takes its weights
+(``--model NAME=SIZE``) plus an f16 KV cache of ``2 * block_count * num_ctx *
+embedding_length / head_count * head_count_kv * 2`` bytes, from the model's
+``model_info`` (``/api/show``; ``--model-info`` sets it, else typical numbers for its
+parameter count). ``num_ctx`` is ``options.num_ctx``, else ``--context-length``; a
+different context reloads the model. ``/api/ps`` shows ``size``, ``size_vram`` and
+``context_length``: a server named ``cpu`` or started with ``--cpu`` reports
+``size_vram: 0``; with ``--vram`` a load past that memory spills (``size_vram < size``).
+``load_duration`` is ``--load-time`` when the request loaded the model, near zero when it
+was loaded already. ``--max-loaded-models 1`` is a GPU that holds one model: loading
+another evicts it, once its running requests are done. ``--parallel N`` requests run per
+model at once, the rest wait inside the server (their order is in the request log's
+``admitted_seq``/``finished_seq``), and past ``--max-queue`` waiting requests a 503
+"server busy". ``--prompt-delay`` and ``--tokens-per-second`` time each generation.
+An empty prompt/messages with ``keep_alive: 0`` unloads (done_reason "unload"); with any
+other keep_alive it loads (done_reason "load").
 
     python3 tests/fakeollama.py --port 11434 [--host 127.0.0.1] [--name gpu]
         [--version 0.14.3] [--model NAME[=SIZE_BYTES]]... [--vram BYTES] [--cpu]
+        [--model-info NAME=BLOCKS,EMBED,HEADS,KV_HEADS[,CTX]]... [--context-length N]
+        [--parallel N] [--max-queue N] [--max-loaded-models N] [--load-time S]
+        [--prompt-delay S] [--tokens-per-second R] [--silent-sse-errors]
         [--tokens N] [--token-delay S] [--faults JSON|@FILE] [--ready-file PATH]
         [--exit-with-parent]
 
 ``--port 0`` picks a free port; ``--ready-file`` receives the port once listening.
 
 Control endpoints (not Ollama's; never faulted):
-    GET    /_fake/requests[?path=&state=]  log of model-endpoint requests (last 10,000):
-           {id, path, method, headers, body, model, state, status, chunks_sent,
-           started, finished}; state is running|completed|cancelled|failed
+    GET    /_fake/requests[?path=&state=]  log of model-endpoint and unknown-path requests
+           (last 10,000): {id, path, method, headers, body, model, state, status,
+           chunks_sent, started, finished, admitted_seq, finished_seq}; state is
+           running|completed|cancelled|failed; *_seq order slot grants and ends
     DELETE /_fake/requests                 clear the log
     GET    /_fake/faults, POST /_fake/faults  show / REPLACE the fault set
     GET    /_fake/stats                    request counts per path (all endpoints),
-                                           running requests, loaded models
+                                           running requests, loaded models, requests
+                                           waiting for a slot, running per model
 
 Fault keys (all optional; "model" faults follow Ollama-style names, ``x`` = ``x:latest``):
     oom_models [names]   500 with oom_text (default: model requires more system memory ...)
@@ -39,8 +65,11 @@ Fault keys (all optional; "model" faults follow Ollama-style names, ``x`` = ``x:
                          non-streaming reply waits as long as the stream would take
     die_after_chunks N   abort the TCP connection after N chunks (no final chunk;
                          non-streaming: abort without any response)
-    error_after_chunks N after N chunks write {"error": error_text} and end (/v1: an SSE
-                         data: {"error": {...}} event; non-streaming: 500)
+    error_after_chunks N after N chunks write {"error": error_text} and end (/v1 chat and
+                         completions: an SSE data: {"error": {...}} event; /v1/messages:
+                         event: error in Anthropic's shape; /v1/responses: a
+                         response.failed event; with --silent-sse-errors those two
+                         just end, as Ollama's converters drop the error; non-streaming: 500)
     error_text str       default "an error was encountered while running the model:
                          CUDA error: out of memory"
     garbage kind         nonjson | truncated | html | wrong_ctype | error200
@@ -49,8 +78,10 @@ Fault keys (all optional; "model" faults follow Ollama-style names, ``x`` = ``x:
     pull_error str       /api/pull fails with {"error": pull_error} after the manifest
     only_models [names]  restrict the model-independent faults above to these models
 Load-time faults (busy, load_delay, oom, driver) and the chunk faults apply to
-chat, generate, embed, embeddings and /v1 chat/completions/embeddings; status and
-garbage also to /api/show; hang to everything but /_fake.
+chat, generate, embed, embeddings, /v1 chat/completions/embeddings, /v1/messages and
+/v1/responses, each in its API's error shape (Anthropic: {"type": "error", "error":
+{"type": "not_found_error"|"overloaded_error"|..., "message"}}); status and garbage
+also to /api/show; hang to everything but /_fake.
 
 Importable: :func:`build_app` returns an :class:`aiohttp.web.Application` for
 in-process tests and :class:`FakeServer` is the state behind it. Needs only the
@@ -84,6 +115,7 @@ from aiohttp import web
 __all__ = [
     "DEFAULT_MODELS",
     "SERVER_KEY",
+    "Arch",
     "FakeServer",
     "Faults",
     "build_app",
@@ -108,6 +140,7 @@ DEFAULT_KEEP_ALIVE_S: Final = 300.0
 DEFAULT_CONTEXT: Final = 4096
 FOREVER_S: Final = 9_223_372_036.0  # Go's largest time.Duration, as Ollama uses for "-1"
 EMBED_DIM: Final = 8
+DEFAULT_MAX_QUEUE: Final = 512  # OLLAMA_MAX_QUEUE
 MAX_LOG: Final = 10_000
 
 OOM_TEXT: Final = "model requires more system memory (10.9 GiB) than is available (7.6 GiB)"
@@ -132,6 +165,13 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def _dumpb(obj: Any) -> bytes:
     """Compact JSON bytes, as Go's encoder writes them."""
     return _encode(obj).encode()
+
+
+async def _sleep_at_least(seconds: float) -> None:
+    """Sleep no less than ``seconds`` by the wall clock (uvloop's timers may fire early)."""
+    end = time.perf_counter() + seconds
+    while (left := end - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
 
 
 def _now_iso() -> str:
@@ -184,6 +224,33 @@ def embed_vector(text: str, dim: int = EMBED_DIM) -> list[float]:
 # Models
 
 
+@dataclass(frozen=True, slots=True)
+class Arch:
+    """The model_info numbers that decide a model's KV cache (``--model-info``)."""
+
+    block_count: int
+    embedding_length: int
+    head_count: int
+    head_count_kv: int
+    context_length: int
+
+    @classmethod
+    def for_params(cls, params: float, embedding: bool) -> Arch:
+        """Typical Llama-style numbers for a model of ``params`` parameters."""
+        if embedding:
+            return cls(12, 768, 12, 12, 2048)
+        for limit, arch in (
+            (2e9, cls(16, 2048, 32, 8, 131072)),
+            (5e9, cls(28, 3072, 24, 8, 131072)),
+            (10e9, cls(32, 4096, 32, 8, 131072)),
+            (20e9, cls(40, 5120, 40, 40, 16384)),
+            (40e9, cls(64, 5120, 40, 8, 131072)),
+        ):
+            if params < limit:
+                return arch
+        return cls(80, 8192, 64, 8, 131072)
+
+
 @dataclass(slots=True)
 class ModelInfo:
     name: str  # normalised display name, e.g. "llama3.2:latest"
@@ -194,6 +261,7 @@ class ModelInfo:
     parameter_size: str
     quantization: str
     embedding: bool
+    arch: Arch
 
     @property
     def key(self) -> str:
@@ -225,7 +293,14 @@ class ModelInfo:
 
     @property
     def context_max(self) -> int:
-        return 2048 if self.embedding else 131072
+        return self.arch.context_length
+
+    def kv_cache_bytes(self, num_ctx: int) -> int:
+        """f16 K and V for ``num_ctx`` tokens, as Ollama estimates it from model_info."""
+        a = self.arch
+        return (
+            2 * a.block_count * num_ctx * (a.embedding_length // a.head_count) * a.head_count_kv * 2
+        )
 
     @property
     def capabilities(self) -> list[str]:
@@ -249,7 +324,7 @@ _FAMILIES: Final = (
 )
 
 
-def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
+def _make_model(name: str, size: int, modified_epoch: float, arch: Arch | None = None) -> ModelInfo:
     name = normalize_name(name)
     base = name.rsplit("/", 1)[-1].split(":", 1)[0].lower()
     family = next((fam for prefix, fam in _FAMILIES if base.startswith(prefix)), "")
@@ -268,6 +343,7 @@ def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
         parameter_size=psize,
         quantization="F16" if embedding else "Q4_K_M",
         embedding=embedding,
+        arch=arch or Arch.for_params(params, embedding),
     )
 
 
@@ -275,6 +351,7 @@ def _make_model(name: str, size: int, modified_epoch: float) -> ModelInfo:
 class Loaded:
     info: ModelInfo
     expires: float  # epoch seconds
+    size: int  # weights + KV cache for context_length
     size_vram: int
     context_length: int
 
@@ -430,9 +507,11 @@ class Record:
     """One request on a model endpoint, as ``GET /_fake/requests`` shows it."""
 
     __slots__ = (
+        "admitted_seq",
         "body",
         "chunks_sent",
         "finished",
+        "finished_seq",
         "headers",
         "id",
         "method",
@@ -455,6 +534,9 @@ class Record:
         self.chunks_sent = 0
         self.started = time.time()
         self.finished: float | None = None
+        # positions in the server's event order: when a slot was granted, when it ended
+        self.admitted_seq: int | None = None
+        self.finished_seq: int | None = None
 
     def finish(self, state: str, status: int | None) -> None:
         if self.state == "running":
@@ -475,6 +557,8 @@ class Record:
             "chunks_sent": self.chunks_sent,
             "started": self.started,
             "finished": self.finished,
+            "admitted_seq": self.admitted_seq,
+            "finished_seq": self.finished_seq,
         }
 
 
@@ -487,7 +571,7 @@ class Reply(Exception):
 
 
 class Ctx:
-    __slots__ = ("kind", "rec", "request", "resp", "unload", "v1")
+    __slots__ = ("kind", "rec", "request", "resp", "slot", "unload", "v1")
 
     def __init__(self, request: web.Request, rec: Record, kind: str) -> None:
         self.request = request
@@ -496,6 +580,7 @@ class Ctx:
         self.v1 = kind.startswith("v1")
         self.resp: web.StreamResponse | None = None
         self.unload: str | None = None
+        self.slot: str | None = None  # model key whose parallel slot this request holds
 
 
 @dataclass(slots=True)
@@ -511,6 +596,7 @@ class Plan:
     prompt_tokens: int
     t0: int
     load_ns: int
+    prompt_ns: int = 0
 
     @property
     def n_events(self) -> int:
@@ -524,7 +610,7 @@ class Plan:
         total = max(time.perf_counter_ns() - self.t0, 3)
         load = min(max(self.load_ns, 1), total - 2)
         gen = total - load
-        prompt = max(gen // 10, 1)
+        prompt = min(max(self.prompt_ns, gen // 10, 1), max(gen - 1, 1))
         return {
             "total_duration": total,
             "load_duration": load,
@@ -533,6 +619,72 @@ class Plan:
             "eval_count": self.eval_count,
             "eval_duration": max(gen - prompt, 1),
         }
+
+
+class Scheduler:
+    """Ollama's request scheduling, reduced to what placement can observe.
+
+    ``parallel`` requests per loaded model run at once (OLLAMA_NUM_PARALLEL), at most
+    ``max_loaded`` models are loaded (OLLAMA_MAX_LOADED_MODELS): a request for another
+    model waits until enough running models are idle to evict. Waiting requests past
+    ``max_queue`` (OLLAMA_MAX_QUEUE) are refused with 503 busy.
+    """
+
+    def __init__(self, parallel: int | None, max_queue: int, max_loaded: int | None) -> None:
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.max_loaded = max_loaded
+        self.active: dict[str, int] = {}
+        self.waiting = 0
+        self._seq = 0
+        self._cond: asyncio.Condition | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def limited(self) -> bool:
+        return self.parallel is not None or self.max_loaded is not None
+
+    def tick(self) -> int:
+        """The next position in the server's event order (admissions and finishes)."""
+        self._seq += 1
+        return self._seq
+
+    def has_room(self) -> bool:
+        return self.waiting < self.max_queue
+
+    def _can_run(self, key: str) -> bool:
+        if self.parallel is not None and self.active.get(key, 0) >= self.parallel:
+            return False
+        if self.max_loaded is not None:
+            busy_others = sum(1 for k, n in self.active.items() if n > 0 and k != key)
+            if busy_others >= self.max_loaded:
+                return False
+        return True
+
+    async def acquire(self, key: str) -> None:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        self.waiting += 1
+        try:
+            async with cond:
+                await cond.wait_for(lambda: self._can_run(key))
+                self.active[key] = self.active.get(key, 0) + 1
+        finally:
+            self.waiting -= 1
+
+    def release(self, key: str) -> None:
+        self.active[key] = max(self.active.get(key, 0) - 1, 0)
+        if self._cond is not None:
+            # called from a handler's finally (maybe cancelled): wake the queue from a task
+            task = asyncio.get_running_loop().create_task(self._wake(self._cond))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _wake(cond: asyncio.Condition) -> None:
+        async with cond:
+            cond.notify_all()
 
 
 # --------------------------------------------------------------------------------------
@@ -627,11 +779,35 @@ _GO_REQUEST_TYPES: Final = {
     "v1chat": "openai.ChatCompletionRequest",
     "v1completions": "openai.CompletionRequest",
     "v1embeddings": "openai.EmbedRequest",
+    "anthropic": "anthropic.MessagesRequest",
+    "count_tokens": "anthropic.CountTokensRequest",
+    "v1responses": "openai.ResponsesRequest",
 }
 
 _GENERATION_KINDS: Final = frozenset(
-    {"chat", "generate", "embed", "embeddings", "v1chat", "v1completions", "v1embeddings"}
+    {
+        "chat",
+        "generate",
+        "embed",
+        "embeddings",
+        "v1chat",
+        "v1completions",
+        "v1embeddings",
+        "anthropic",
+        "v1responses",
+    }
 )
+_ANTHROPIC_KINDS: Final = frozenset({"anthropic", "count_tokens"})
+# Anthropic's error type per status, as Ollama's anthropic.NewError maps them
+_ANTHROPIC_ERRORS: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def parse_keep_alive(raw: Any) -> float | None:
@@ -727,19 +903,35 @@ class FakeServer:
         tokens: int = DEFAULT_TOKENS,
         token_delay: float = 0.0,
         faults: Mapping[str, Any] | None = None,
+        model_info: Mapping[str, Arch] | None = None,
+        context_length: int = DEFAULT_CONTEXT,
+        parallel: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_loaded_models: int | None = None,
+        load_time: float = 0.0,
+        prompt_delay: float = 0.0,
+        tokens_per_second: float | None = None,
+        silent_sse_errors: bool = False,
     ) -> None:
         self.name = name
         self.version = version
         self.vram = vram
         self.cpu = cpu or name.lower() == "cpu"
         self.tokens = tokens
-        self.token_delay = token_delay
+        self.token_delay = 1.0 / tokens_per_second if tokens_per_second else token_delay
+        self.context_length = context_length
         self.started = time.time()
         self.models: dict[str, ModelInfo] = {}
+        archs = {_key(k): v for k, v in (model_info or {}).items()}
         items = models.items() if isinstance(models, Mapping) else models
         for i, (mname, size) in enumerate(DEFAULT_MODELS if items is None else items):
-            info = _make_model(mname, int(size), self.started - 86400.0 * (i + 1))
+            epoch = self.started - 86400.0 * (i + 1)
+            info = _make_model(mname, int(size), epoch, archs.get(_key(mname)))
             self.models[info.key] = info
+        self.sched = Scheduler(parallel, max_queue, max_loaded_models)
+        self.load_time = load_time
+        self.prompt_delay = prompt_delay
+        self.silent_sse_errors = silent_sse_errors
         self.loaded: dict[str, Loaded] = {}
         self.blobs: set[str] = set()
         self.log: deque[Record] = deque(maxlen=MAX_LOG)
@@ -799,6 +991,9 @@ class FakeServer:
         r.add_post("/v1/chat/completions", self._wrap("v1chat", self._v1_chat))
         r.add_post("/v1/completions", self._wrap("v1completions", self._v1_completions))
         r.add_post("/v1/embeddings", self._wrap("v1embeddings", self._v1_embeddings))
+        r.add_post("/v1/messages", self._wrap("anthropic", self._messages))
+        r.add_post("/v1/messages/count_tokens", self._wrap("count_tokens", self._count_tokens))
+        r.add_post("/v1/responses", self._wrap("v1responses", self._responses))
         r.add_get("/v1/models", self._v1_models)
         r.add_get("/v1/models/{model:.+}", self._v1_model)
         r.add_get("/_fake/requests", self._fake_requests)
@@ -837,6 +1032,14 @@ class FakeServer:
         return web.Response(status=status, body=_dumpb(obj), headers={"Content-Type": JSON_CT})
 
     def _err(self, ctx: Ctx | None, status: int, message: str) -> web.Response:
+        if ctx is not None and ctx.kind in _ANTHROPIC_KINDS:
+            etype = _ANTHROPIC_ERRORS.get(status, "api_error")
+            body = {
+                "type": "error",
+                "error": {"type": etype, "message": message},
+                "request_id": "req_" + secrets.token_hex(12),
+            }
+            return self._json(body, status)
         if ctx is not None and ctx.v1:
             etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
             body = {"error": {"message": message, "type": etype, "param": None, "code": None}}
@@ -871,6 +1074,9 @@ class FakeServer:
             finally:
                 if ctx.unload is not None:
                     self.loaded.pop(ctx.unload, None)
+                if ctx.slot is not None:
+                    self.sched.release(ctx.slot)
+                rec.finished_seq = self.sched.tick()
             return resp
 
         return handler
@@ -889,7 +1095,7 @@ class FakeServer:
         body: Any = None
         error: str | None = None
         if not doc.strip():
-            error = "EOF" if ctx.v1 else "missing request body"
+            error = "EOF" if ctx.v1 or ctx.kind in _ANTHROPIC_KINDS else "missing request body"
         else:
             try:
                 # Go's decoder reads one value and ignores what follows it
@@ -969,41 +1175,79 @@ class FakeServer:
         body: Mapping[str, Any],
         keep_alive: float | None,
     ) -> int:
-        """Scheduler faults, then mark the model loaded; returns the load time in ns."""
+        """Queue for a slot, scheduler faults, then load (or reuse) the model.
+
+        Returns the load time in ns: ``load_time`` (plus any ``load_delay`` fault)
+        when this request loaded the model, near zero when it was already loaded.
+        """
         f = self.faults
         applies = f.applies(model)
         if f.busy and applies:
             raise Reply(self._err(ctx, 503, BUSY_TEXT))
+        await self._admit(ctx, info)
         t = time.perf_counter_ns()
         if f.load_delay > 0.0 and applies:
-            await asyncio.sleep(f.load_delay)
+            await _sleep_at_least(f.load_delay)
         f = self.faults
         if info.key in f.oom_models:
             raise Reply(self._err(ctx, 500, f.oom_text))
         if f.driver_error and f.applies(model):
             text = f.driver_text or DRIVER_TEXT.format(path=info.blob_path)
             raise Reply(self._err(ctx, 500, text))
-        opts = body.get("options")
-        opts = opts if isinstance(opts, Mapping) else {}
-        num_gpu = opts.get("num_gpu")
-        if self.cpu or num_gpu == 0:
-            size_vram = 0
-        elif self.vram is None or info.size <= self.vram:
-            size_vram = info.size
-        else:
-            size_vram = self.vram
+        opts = _mapping(body.get("options"))
         num_ctx = opts.get("num_ctx")
-        ctx_len = (
+        ctx_len = min(
             num_ctx
             if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx > 0
-            else DEFAULT_CONTEXT
+            else self.context_length,
+            info.context_max,
         )
+        size = info.size + info.kv_cache_bytes(ctx_len)
+        if self.cpu or opts.get("num_gpu") == 0:
+            size_vram = 0
+        elif self.vram is None:
+            size_vram = size
+        else:
+            size_vram = min(size, self.vram)  # past the GPU's memory, the rest spills to RAM
+        now = time.time()
+        current = self.loaded.get(info.key)
+        if (
+            current is None
+            or current.expires <= now
+            or current.context_length != ctx_len
+            or current.size_vram != size_vram
+        ):
+            self._evict_for(info.key)
+            if self.load_time > 0.0:
+                await _sleep_at_least(self.load_time)
         ka = DEFAULT_KEEP_ALIVE_S if keep_alive is None else keep_alive
         expires = time.time() + (FOREVER_S if ka < 0 else ka)
-        self.loaded[info.key] = Loaded(info, expires, size_vram, min(ctx_len, info.context_max))
+        self.loaded[info.key] = Loaded(info, expires, size, size_vram, ctx_len)
         if ka == 0:
             ctx.unload = info.key
         return time.perf_counter_ns() - t
+
+    async def _admit(self, ctx: Ctx, info: ModelInfo) -> None:
+        """Wait for a slot as Ollama's scheduler does; 503 busy when the queue is full."""
+        if not self.sched.limited:
+            ctx.rec.admitted_seq = self.sched.tick()
+            return
+        if not self.sched.has_room():
+            raise Reply(self._err(ctx, 503, BUSY_TEXT))
+        await self.sched.acquire(info.key)
+        ctx.slot = info.key
+        ctx.rec.admitted_seq = self.sched.tick()
+
+    def _evict_for(self, key: str) -> None:
+        """Make room for ``key`` under the loaded-model limit: unload idle models first."""
+        self.loaded.pop(key, None)
+        limit = self.sched.max_loaded
+        if limit is None:
+            return
+        others = [k for k in self.loaded if k != key]
+        others.sort(key=lambda k: (self.sched.active.get(k, 0) > 0, self.loaded[k].expires))
+        while len(others) >= limit:
+            self.loaded.pop(others.pop(0), None)
 
     def _keep_alive(self, ctx: Ctx, body: Mapping[str, Any]) -> float | None:
         try:
@@ -1036,11 +1280,12 @@ class FakeServer:
                 status=200, body=_dumpb(obj), headers={"Content-Type": "text/plain; charset=utf-8"}
             )
         # truncated: a 200 stream whose first line stops mid-object
-        resp = web.StreamResponse(status=200, headers={"Content-Type": SSE if ctx.v1 else NDJSON})
+        sse = ctx.v1 or ctx.kind in _ANTHROPIC_KINDS
+        resp = web.StreamResponse(status=200, headers={"Content-Type": SSE if sse else NDJSON})
         resp.force_close()
         ctx.resp = resp
         await resp.prepare(ctx.request)
-        if ctx.v1:
+        if sse:
             partial = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choi'
         else:
             partial = (
@@ -1130,6 +1375,13 @@ class FakeServer:
         d = self.faults.token_delay
         return self.token_delay if d is None else d
 
+    async def _prompt(self, plan: Plan) -> None:
+        """Prompt evaluation: ``prompt_delay`` before the first token."""
+        if self.prompt_delay > 0.0:
+            t = time.perf_counter_ns()
+            await _sleep_at_least(self.prompt_delay)
+            plan.prompt_ns = time.perf_counter_ns() - t
+
     def _stop_point(self, model: str, n_events: int) -> tuple[int | None, bool]:
         """(chunks before the fault fires or None, True if it is a connection abort)."""
         f = self.faults
@@ -1151,6 +1403,7 @@ class FakeServer:
         final: Callable[[], bytes],
         error_chunk: Callable[[str], bytes],
     ) -> web.StreamResponse:
+        await self._prompt(plan)
         resp = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         ctx.resp = resp
         await resp.prepare(ctx.request)
@@ -1164,7 +1417,7 @@ class FakeServer:
                 break
             if delay > 0.0:
                 if sent:
-                    await asyncio.sleep(delay)
+                    await _sleep_at_least(delay)
             elif sent & 255 == 255:
                 await asyncio.sleep(0)
             await write(chunk)
@@ -1178,24 +1431,25 @@ class FakeServer:
                     transport.abort()
                 return resp
             if delay > 0.0 and sent:
-                await asyncio.sleep(delay)
+                await _sleep_at_least(delay)
             await write(error_chunk(self.faults.error_text))
             rec.chunks_sent = sent + 1
             rec.finish("failed", 200)
             return resp
         if delay > 0.0 and sent:
-            await asyncio.sleep(delay)
+            await _sleep_at_least(delay)
         await write(final())
         rec.chunks_sent = sent + 1
         return resp
 
     async def _whole(self, ctx: Ctx, plan: Plan, build: Callable[[], Any]) -> web.StreamResponse:
         """A non-streaming reply: wait as long as generating would take, then answer."""
+        await self._prompt(plan)
         delay = self._delay()
         stop_at, abort = self._stop_point(plan.model, plan.n_events)
         steps = plan.n_events if stop_at is None else stop_at
         if delay > 0.0 and steps:
-            await asyncio.sleep(delay * steps)
+            await _sleep_at_least(delay * steps)
         if stop_at is not None:
             if abort:
                 ctx.rec.finish("failed", None)
@@ -1461,9 +1715,11 @@ class FakeServer:
                 "general.file_type": 1 if info.embedding else 15,
                 "general.parameter_count": param_count,
                 "general.quantization_version": 2,
-                f"{fam}.context_length": info.context_max,
-                f"{fam}.embedding_length": 768 if info.embedding else 3072,
-                f"{fam}.block_count": 12 if info.embedding else 28,
+                f"{fam}.context_length": info.arch.context_length,
+                f"{fam}.embedding_length": info.arch.embedding_length,
+                f"{fam}.block_count": info.arch.block_count,
+                f"{fam}.attention.head_count": info.arch.head_count,
+                f"{fam}.attention.head_count_kv": info.arch.head_count_kv,
             },
             "tensors": [],
             "capabilities": info.capabilities,
@@ -1548,7 +1804,8 @@ class FakeServer:
 
         def done() -> None:
             size = existing.size if existing is not None else total + sum(s for _, s in small)
-            info = _make_model(model, size, time.time())
+            arch = existing.arch if existing is not None else None
+            info = _make_model(model, size, time.time(), arch)
             self.models[info.key] = info
             self.blobs.add(digest)
             if info.key in self.faults.missing_models:
@@ -1609,7 +1866,7 @@ class FakeServer:
             yield {"status": "success"}
 
         def done() -> None:
-            info = _make_model(model, size, time.time())
+            info = _make_model(model, size, time.time(), base.arch if base is not None else None)
             self.models[info.key] = info
 
         return await self._progress(ctx, body.get("stream") is not False, lines(), done)
@@ -1624,7 +1881,7 @@ class FakeServer:
         info = self.lookup(src)
         if info is None:
             raise Reply(self._err(ctx, 404, f'model "{src}" not found'))
-        new = _make_model(dst, info.size, time.time())
+        new = _make_model(dst, info.size, time.time(), info.arch)
         self.models[new.key] = new
         return web.Response(status=200)
 
@@ -1681,7 +1938,7 @@ class FakeServer:
                 {
                     "name": info.name,
                     "model": info.name,
-                    "size": info.size,
+                    "size": ld.size,
                     "digest": info.digest,
                     "details": info.details(),
                     "expires_at": _iso_at(ld.expires),
@@ -1995,6 +2252,539 @@ class FakeServer:
             }
         )
 
+    # ---- Anthropic Messages (/v1/messages) --------------------------------------------
+
+    @staticmethod
+    def _anthropic_tools(raw: Any) -> list[dict[str, Any]] | None:
+        """Anthropic tool definitions in the native ``function`` form _plan reads."""
+        if not isinstance(raw, list) or not raw:
+            return None
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name", ""),
+                    "parameters": _mapping(t.get("input_schema")),
+                },
+            }
+            for t in raw
+            if isinstance(t, Mapping)
+        ]
+
+    @staticmethod
+    def _anthropic_text(content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(
+                str(b.get("text", ""))
+                for b in content
+                if isinstance(b, Mapping) and b.get("type") == "text"
+            )
+        return ""
+
+    def _cap(self, raw: Any) -> int | None:
+        """A client's token limit as num_predict: only when it cuts the reply short."""
+        if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < self.tokens:
+            return raw
+        return None
+
+    @staticmethod
+    def _stop_reason(plan: Plan) -> str:
+        if plan.tool_calls:
+            return "tool_use"
+        return {"stop": "end_turn", "length": "max_tokens"}.get(plan.done_reason, "stop_sequence")
+
+    def _anthropic_error_chunk(self, text: str) -> bytes:
+        if self.silent_sse_errors:
+            return b""
+        err = {"type": "error", "error": {"type": "api_error", "message": text}}
+        return b"event: error\ndata: " + _dumpb(err) + b"\n\n"
+
+    async def _messages(self, ctx: Ctx) -> web.StreamResponse:
+        t0 = time.perf_counter_ns()
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        ctx.rec.model = model
+        max_tokens = body.get("max_tokens")
+        messages = body.get("messages") or []
+        # the middleware checks these before the chat handler sees the request
+        if not model:
+            raise Reply(self._err(ctx, 400, "model is required"))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise Reply(self._err(ctx, 400, "max_tokens is required and must be positive"))
+        if not messages:
+            raise Reply(self._err(ctx, 400, "messages is required"))
+        info = await self._gate(ctx, body, model)
+        if info.embedding:
+            raise Reply(self._err(ctx, 400, f'"{model}" does not support chat'))
+        load_ns = await self._load(ctx, info, model, body, None)
+        last = messages[-1] if isinstance(messages[-1], Mapping) else {}
+        content = last.get("content")
+        last_blocks: list[Any] = content if isinstance(content, list) else []
+        answered = any(
+            isinstance(b, Mapping) and b.get("type") == "tool_result" for b in last_blocks
+        )
+        thinking = _mapping(body.get("thinking"))
+        system = self._anthropic_text(body.get("system"))
+        plan = self._plan(
+            model=model,
+            body=body,
+            num_predict=self._cap(max_tokens),
+            think=thinking.get("type") == "enabled" or None,
+            fmt=None,
+            tools=self._anthropic_tools(body.get("tools")),
+            last_role="tool" if answered else None,
+            prompt_tokens=max(
+                1,
+                _words(system)
+                + sum(
+                    _words(self._anthropic_text(m.get("content")))
+                    for m in messages
+                    if isinstance(m, Mapping)
+                ),
+            ),
+            t0=t0,
+            load_ns=load_ns,
+        )
+        mid = "msg_" + secrets.token_hex(12)
+        if not body.get("stream"):
+
+            def build() -> dict[str, Any]:
+                content: list[dict[str, Any]] = []
+                if plan.thinking is not None:
+                    content.append({"type": "thinking", "thinking": plan.thinking})
+                if plan.text:
+                    content.append({"type": "text", "text": plan.text})
+                for tc in plan.tool_calls or []:
+                    fn = tc["function"]
+                    content.append(
+                        {
+                            "type": "tool_use",
+                            "id": tc["id"],
+                            "name": fn["name"],
+                            "input": fn["arguments"],
+                        }
+                    )
+                return {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": content,
+                    "stop_reason": self._stop_reason(plan),
+                    "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.eval_count},
+                }
+
+            return await self._whole(ctx, plan, build)
+        index = [0]  # the current content block
+        open_kind = [""]  # the open content block's kind, if any
+
+        def sse(event: str, data: Any) -> bytes:
+            return b"event: " + event.encode() + b"\ndata: " + _dumpb(data) + b"\n\n"
+
+        def start() -> bytes:
+            message: dict[str, Any] = {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0},
+            }
+            return sse("message_start", {"type": "message_start", "message": message})
+
+        def close_block() -> bytes:
+            if not open_kind[0]:
+                return b""
+            out = sse("content_block_stop", {"type": "content_block_stop", "index": index[0]})
+            index[0] += 1
+            open_kind[0] = ""
+            return out
+
+        def open_block(kind: str, block: dict[str, Any]) -> bytes:
+            out = b""
+            if open_kind[0] != kind:
+                out = close_block()
+                out += sse(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": index[0],
+                        "content_block": block,
+                    },
+                )
+                open_kind[0] = kind
+            return out
+
+        def chunks() -> Iterator[bytes]:
+            head = start()
+            if plan.thinking is not None:
+                yield (
+                    head
+                    + open_block("thinking", {"type": "thinking", "thinking": ""})
+                    + sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": index[0],
+                            "delta": {"type": "thinking_delta", "thinking": plan.thinking},
+                        },
+                    )
+                )
+                head = b""
+            for pj in plan.piece_json:
+                yield (
+                    head
+                    + open_block("text", {"type": "text", "text": ""})
+                    + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(index[0]).encode()
+                    + b',"delta":{"type":"text_delta","text":'
+                    + pj
+                    + b"}}\n\n"
+                )
+                head = b""
+            for tc in plan.tool_calls or []:
+                fn = tc["function"]
+                block = {"type": "tool_use", "id": tc["id"], "name": fn["name"], "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": _encode(fn["arguments"])}
+                out = head + close_block() + open_block("tool_use", block)
+                out += sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index[0], "delta": delta},
+                )
+                yield out + close_block()
+                head = b""
+
+        def final() -> bytes:
+            usage = {"input_tokens": plan.prompt_tokens, "output_tokens": plan.eval_count}
+            return (
+                (start() if plan.n_events == 0 else b"")
+                + close_block()
+                + sse(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": self._stop_reason(plan)},
+                        "usage": usage,
+                    },
+                )
+                + sse("message_stop", {"type": "message_stop"})
+            )
+
+        return await self._stream(ctx, plan, SSE, chunks(), final, self._anthropic_error_chunk)
+
+    async def _count_tokens(self, ctx: Ctx) -> web.StreamResponse:
+        """Ollama estimates, it does not tokenize: a quarter of the characters."""
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        ctx.rec.model = model
+        if not model:
+            raise Reply(self._err(ctx, 400, "model is required"))
+        chars = len(self._anthropic_text(body.get("system")))
+        for m in body.get("messages") or []:
+            if isinstance(m, Mapping):
+                chars += len(str(m.get("role", ""))) + len(self._anthropic_text(m.get("content")))
+        for t in body.get("tools") or []:
+            if isinstance(t, Mapping):
+                chars += len(str(t.get("name", ""))) + len(str(t.get("description", "")))
+                chars += len(_encode(t.get("input_schema") or {}))
+        tokens = chars // 4 or (1 if body.get("messages") or body.get("system") else 0)
+        ctx.rec.chunks_sent = 1
+        return self._json({"input_tokens": tokens})
+
+    # ---- OpenAI Responses (/v1/responses) ---------------------------------------------
+
+    @staticmethod
+    def _responses_input(raw: Any) -> tuple[int, str | None]:
+        """(prompt words, the last item's role) of a Responses ``input``."""
+        if isinstance(raw, str):
+            return _words(raw), "user"
+        words, role = 0, None
+        for item in raw if isinstance(raw, list) else []:
+            if not isinstance(item, Mapping):
+                continue
+            kind = item.get("type") or ("message" if item.get("role") else "")
+            if kind == "function_call_output":
+                role = "tool"
+                words += _words(item.get("output"))
+            elif kind == "message":
+                role = str(item.get("role") or "user")
+                content = item.get("content")
+                if isinstance(content, list):
+                    words += sum(_words(p.get("text")) for p in content if isinstance(p, Mapping))
+                else:
+                    words += _words(content)
+        return words, role
+
+    def _response_obj(
+        self, rid: str, model: str, body: Mapping[str, Any], status: str, output: list[Any]
+    ) -> dict[str, Any]:
+        instructions = body.get("instructions") or None
+        text = _mapping(body.get("text"))
+        reasoning = _mapping(body.get("reasoning"))
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "completed_at": None,
+            "status": status,
+            "incomplete_details": None,
+            "model": model,
+            "previous_response_id": None,
+            "instructions": instructions,
+            "output": output,
+            "error": None,
+            "tools": body.get("tools") or [],
+            "tool_choice": "auto",
+            "truncation": body.get("truncation") or "disabled",
+            "parallel_tool_calls": True,
+            "text": {"format": _mapping(text.get("format")) or {"type": "text"}},
+            "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "top_logprobs": 0,
+            "temperature": body.get("temperature") if body.get("temperature") is not None else 1.0,
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+            if reasoning
+            else None,
+            "usage": None,
+            "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": None,
+            "store": False,
+            "background": bool(body.get("background")),
+            "service_tier": "default",
+            "metadata": {},
+            "safety_identifier": None,
+            "prompt_cache_key": None,
+        }
+
+    @staticmethod
+    def _responses_usage(plan: Plan) -> dict[str, Any]:
+        return {
+            "input_tokens": plan.prompt_tokens,
+            "output_tokens": plan.eval_count,
+            "total_tokens": plan.prompt_tokens + plan.eval_count,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+
+    @staticmethod
+    def _output_text(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    async def _responses(self, ctx: Ctx) -> web.StreamResponse:
+        t0 = time.perf_counter_ns()
+        body = await self._body(ctx)
+        model = body.get("model") or ""
+        info = await self._gate(ctx, body, model)
+        if info.embedding:
+            raise Reply(self._err(ctx, 400, f'"{model}" does not support chat'))
+        reasoning = _mapping(body.get("reasoning"))
+        effort = reasoning.get("effort")
+        if effort not in (None, "", "none", "low", "medium", "high", "max"):
+            msg = (
+                f'invalid reasoning value: "{effort}" '
+                '(must be "high", "medium", "low", "max", or "none")'
+            )
+            raise Reply(self._err(ctx, 400, msg))
+        load_ns = await self._load(ctx, info, model, body, None)
+        words, last_role = self._responses_input(body.get("input"))
+        raw_tools = body.get("tools")
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name", ""),
+                    "parameters": _mapping(t.get("parameters")),
+                },
+            }
+            for t in (raw_tools if isinstance(raw_tools, list) else [])
+            if isinstance(t, Mapping) and t.get("type") == "function"
+        ]
+        plan = self._plan(
+            model=model,
+            body=body,
+            num_predict=self._cap(body.get("max_output_tokens")),
+            think=effort if effort not in ("", "none") else None,
+            fmt=None,
+            tools=tools or None,
+            last_role=last_role,
+            prompt_tokens=max(1, words + _words(body.get("instructions"))),
+            t0=t0,
+            load_ns=load_ns,
+        )
+        rid = f"resp_{secrets.randbelow(999999)}"
+        item_id = f"msg_{secrets.randbelow(999999)}"
+        rs_id = f"rs_{secrets.randbelow(999999)}"
+        calls = [
+            {
+                "id": f"fc_{secrets.randbelow(999999)}_{i}",
+                "type": "function_call",
+                "status": "completed",
+                "call_id": tc["id"],
+                "name": tc["function"]["name"],
+                "arguments": _encode(tc["function"]["arguments"]),
+            }
+            for i, tc in enumerate(plan.tool_calls or [])
+        ]
+
+        def reasoning_item() -> dict[str, Any]:
+            summary = [{"type": "summary_text", "text": plan.thinking}]
+            return {
+                "id": rs_id,
+                "type": "reasoning",
+                "summary": summary,
+                "encrypted_content": plan.thinking,
+            }
+
+        def message_item() -> dict[str, Any]:
+            return {
+                "id": item_id,
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [self._output_text(plan.text)],
+            }
+
+        def output() -> list[Any]:
+            out: list[Any] = [reasoning_item()] if plan.thinking is not None else []
+            return out + (calls if calls else [message_item()] if plan.text else [])
+
+        if not body.get("stream"):
+
+            def build() -> dict[str, Any]:
+                obj = self._response_obj(rid, model, body, "completed", output())
+                obj["completed_at"] = int(time.time())
+                obj["usage"] = self._responses_usage(plan)
+                return obj
+
+            return await self._whole(ctx, plan, build)
+        seq = [0]
+        out_index = [0]
+
+        def ev(event: str, data: dict[str, Any]) -> bytes:
+            data = {"type": event, **data, "sequence_number": seq[0]}
+            seq[0] += 1
+            return b"event: " + event.encode() + b"\ndata: " + _dumpb(data) + b"\n\n"
+
+        def head() -> bytes:
+            obj = self._response_obj(rid, model, body, "in_progress", [])
+            return ev("response.created", {"response": obj}) + ev(
+                "response.in_progress", {"response": obj}
+            )
+
+        def finish_reasoning() -> bytes:
+            if plan.thinking is None or out_index[0] > 0:
+                return b""
+            out = ev(
+                "response.reasoning_summary_text.done",
+                {"item_id": rs_id, "output_index": 0, "summary_index": 0, "text": plan.thinking},
+            )
+            out += ev("response.output_item.done", {"output_index": 0, "item": reasoning_item()})
+            out_index[0] = 1
+            return out
+
+        def chunks() -> Iterator[bytes]:
+            first = head()
+            if plan.thinking is not None:
+                item = {"id": rs_id, "type": "reasoning", "summary": []}
+                yield (
+                    first
+                    + ev("response.output_item.added", {"output_index": 0, "item": item})
+                    + ev(
+                        "response.reasoning_summary_text.delta",
+                        {
+                            "item_id": rs_id,
+                            "output_index": 0,
+                            "summary_index": 0,
+                            "delta": plan.thinking,
+                        },
+                    )
+                )
+                first = b""
+            for i, pj in enumerate(plan.piece_json):
+                out = first + finish_reasoning()
+                if i == 0:
+                    added = {
+                        "id": item_id,
+                        "type": "message",
+                        "status": "in_progress",
+                        "role": "assistant",
+                        "content": [],
+                    }
+                    out += ev(
+                        "response.output_item.added", {"output_index": out_index[0], "item": added}
+                    )
+                    out += ev(
+                        "response.content_part.added",
+                        {
+                            "item_id": item_id,
+                            "output_index": out_index[0],
+                            "content_index": 0,
+                            "part": self._output_text(""),
+                        },
+                    )
+                delta = json.loads(pj)
+                out += ev(
+                    "response.output_text.delta",
+                    {
+                        "item_id": item_id,
+                        "output_index": out_index[0],
+                        "content_index": 0,
+                        "delta": delta,
+                        "logprobs": [],
+                    },
+                )
+                yield out
+                first = b""
+            if calls:
+                out = first + finish_reasoning()
+                for i, call in enumerate(calls):
+                    idx = out_index[0] + i
+                    added = {**call, "status": "in_progress", "arguments": ""}
+                    out += ev("response.output_item.added", {"output_index": idx, "item": added})
+                    out += ev(
+                        "response.function_call_arguments.delta",
+                        {"item_id": call["id"], "output_index": idx, "delta": call["arguments"]},
+                    )
+                    out += ev(
+                        "response.function_call_arguments.done",
+                        {
+                            "item_id": call["id"],
+                            "output_index": idx,
+                            "arguments": call["arguments"],
+                        },
+                    )
+                    out += ev("response.output_item.done", {"output_index": idx, "item": call})
+                yield out
+
+        def final() -> bytes:
+            out = (head() if plan.n_events == 0 else b"") + finish_reasoning()
+            if not calls and plan.piece_json:
+                where = {"item_id": item_id, "output_index": out_index[0], "content_index": 0}
+                out += ev("response.output_text.done", {**where, "text": plan.text, "logprobs": []})
+                out += ev(
+                    "response.content_part.done", {**where, "part": self._output_text(plan.text)}
+                )
+                out += ev(
+                    "response.output_item.done",
+                    {"output_index": out_index[0], "item": message_item()},
+                )
+            obj = self._response_obj(rid, model, body, "completed", output())
+            obj["completed_at"] = int(time.time())
+            obj["usage"] = self._responses_usage(plan)
+            return out + ev("response.completed", {"response": obj})
+
+        def error_chunk(text: str) -> bytes:
+            if self.silent_sse_errors:
+                return b""
+            obj = self._response_obj(rid, model, body, "failed", [])
+            obj["error"] = {"code": "server_error", "message": text}
+            return ev("response.failed", {"response": obj})
+
+        return await self._stream(ctx, plan, SSE, chunks(), final, error_chunk)
+
     # ---- control ----------------------------------------------------------------------
 
     async def _fake_requests(self, request: web.Request) -> web.StreamResponse:
@@ -2034,10 +2824,26 @@ class FakeServer:
                 "running": running,
                 "logged": len(self.log),
                 "loaded": sorted(self.loaded),
+                "waiting": self.sched.waiting,
+                "active": {k: n for k, n in self.sched.active.items() if n},
             }
         )
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        """Gin's own 404 for a path Ollama does not serve, logged so pass-through shows."""
+        rec = Record(self._next_id, request)
+        self._next_id += 1
+        self.log.append(rec)
+        raw = await request.read()
+        if request.content_type == "application/json" and raw.strip():
+            with contextlib.suppress(ValueError):
+                rec.body = json.loads(raw)
+        elif raw:
+            rec.body = {"bytes": len(raw), "content_type": request.content_type}
+        if isinstance(rec.body, dict) and isinstance(rec.body.get("model"), str):
+            rec.model = rec.body["model"]
+        rec.finish("failed", 404)
+        rec.finished_seq = self.sched.tick()
         return web.Response(status=404, text="404 page not found", content_type="text/plain")
 
 
@@ -2054,6 +2860,8 @@ _LOGGED_PREFIXES: Final = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/responses",
 )
 
 
@@ -2140,6 +2948,18 @@ def _parse_model(spec: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"bad size in --model {spec!r}") from None
 
 
+def _parse_arch(spec: str) -> tuple[str, Arch]:
+    name, _, nums = spec.partition("=")
+    try:
+        vals = [int(x) for x in nums.split(",")]
+    except ValueError:
+        vals = []
+    if not name or len(vals) not in (4, 5) or min(vals) <= 0 or vals[1] % vals[2]:
+        raise argparse.ArgumentTypeError(f"bad --model-info {spec!r}")
+    ctx_max = vals[4] if len(vals) == 5 else 131072
+    return name, Arch(vals[0], vals[1], vals[2], vals[3], ctx_max)
+
+
 def _parse_size(raw: str) -> int:
     try:
         return int(float(raw))
@@ -2168,6 +2988,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="a CPU server: size_vram is always 0")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="reply length in tokens")
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument(
+        "--model-info",
+        action="append",
+        type=_parse_arch,
+        metavar="NAME=BLOCKS,EMBED,HEADS,KV_HEADS[,CTX]",
+        help="a model's architecture (model_info; decides its KV cache per token)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=DEFAULT_CONTEXT,
+        help="context when a request sets no num_ctx (OLLAMA_CONTEXT_LENGTH)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="requests per model at once (OLLAMA_NUM_PARALLEL)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="waiting requests before 503 busy (OLLAMA_MAX_QUEUE)",
+    )
+    p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=None,
+        help="models loaded at once; 1 = a GPU that evicts (OLLAMA_MAX_LOADED_MODELS)",
+    )
+    p.add_argument(
+        "--load-time", type=float, default=0.0, help="seconds a request waits to load its model"
+    )
+    p.add_argument(
+        "--prompt-delay", type=float, default=0.0, help="seconds of prompt evaluation per request"
+    )
+    p.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=None,
+        help="generation speed (overrides --token-delay)",
+    )
+    p.add_argument(
+        "--silent-sse-errors",
+        action="store_true",
+        help="end /v1/messages and /v1/responses streams on an error without an error event",
+    )
     p.add_argument("--faults", default=None, help="fault set as JSON (or @FILE)")
     p.add_argument("--ready-file", default=None, help="write the port here once listening")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent dies")
@@ -2221,6 +3089,15 @@ def main(argv: list[str] | None = None) -> int:
             tokens=args.tokens,
             token_delay=args.token_delay,
             faults=faults,
+            model_info=dict(args.model_info or ()),
+            context_length=args.context_length,
+            parallel=args.parallel,
+            max_queue=args.max_queue,
+            max_loaded_models=args.max_loaded_models,
+            load_time=args.load_time,
+            prompt_delay=args.prompt_delay,
+            tokens_per_second=args.tokens_per_second,
+            silent_sse_errors=args.silent_sse_errors,
         )
         await serve(
             server,

@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import anthropic._base_client
 import httpx
 import ollama
 import openai
@@ -19,6 +21,9 @@ from tests.fakeproc import FakeOllama, FakeOllamaError, free_port
 
 OOM = "model requires more system memory (10.9 GiB) than is available (7.6 GiB)"
 MIDSTREAM = "an error was encountered while running the model: CUDA error: out of memory"
+# newer SDKs use their own httpx fork; a broken stream surfaces as its TransportError
+SDK_HTTPX: Any = getattr(anthropic._base_client, "httpx2", httpx)
+BUSY = "server busy, please try again.  maximum pending requests exceeded"
 MSGS = [{"role": "user", "content": "why is the sky blue"}]
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -58,6 +63,13 @@ def client(gpu: FakeOllama) -> Iterator[ollama.Client]:
 @pytest.fixture
 def oai(gpu: FakeOllama) -> Iterator[openai.OpenAI]:
     c = openai.OpenAI(base_url=gpu.url + "/v1", api_key="x", max_retries=0, timeout=10)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def claude(gpu: FakeOllama) -> Iterator[anthropic.Anthropic]:
+    c = anthropic.Anthropic(base_url=gpu.url, api_key="ollama", max_retries=0, timeout=10)
     yield c
     c.close()
 
@@ -109,7 +121,8 @@ def test_ps_loading_and_keep_alive(client: ollama.Client) -> None:
     client.chat(model="llama3.2", messages=MSGS, options={"num_ctx": 8192})
     ps = {m.model: m for m in client.ps().models}
     m = ps["llama3.2:latest"]
-    assert m.size_vram == m.size == 2_000_000_000
+    # weights plus the f16 KV cache: 2 * 28 blocks * 8192 * (3072 / 24 heads) * 8 KV heads * 2 B
+    assert m.size_vram == m.size == 2_000_000_000 + 939_524_096
     # ollama 0.5 (Debian 13) has no context_length field yet: read the wire there.
     raw = client._client.get("/api/ps").json()["models"][0]
     assert raw["context_length"] == 8192
@@ -130,7 +143,7 @@ def test_ps_cpu_and_partial_offload() -> None:
     with FakeOllama.start("cpu", cpu=True) as cpu, FakeOllama.start("small", vram=3e9) as small:
         for fake, model, vram in (
             (cpu, "llama3.2", 0),
-            (small, "llama3.2", 2_000_000_000),
+            (small, "llama3.2", 2_000_000_000 + 469_762_048),  # weights + KV at 4096
             (small, "qwen2.5-coder:7b", 3_000_000_000),
         ):
             c = ollama.Client(host=fake.url)
@@ -596,3 +609,415 @@ def test_kill_and_bad_start() -> None:
     fake.stop()
     with pytest.raises(FakeOllamaError):
         FakeOllama.start("bad", faults={"no_such_fault": 1})
+
+
+# ---- Anthropic Messages (/v1/messages) -----------------------------------------------------
+
+CLAUDE_MSGS: Any = [{"role": "user", "content": "why is the sky blue"}]
+CLAUDE_TOOL: Any = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each server-sent event in ``text``."""
+    out = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((fields.get("event", ""), json.loads(fields["data"])))
+    return out
+
+
+def test_anthropic_create(claude: anthropic.Anthropic, gpu: FakeOllama) -> None:
+    m = claude.messages.create(model="llama3.2", max_tokens=1024, messages=CLAUDE_MSGS)
+    assert m.type == "message" and m.role == "assistant" and m.model == "llama3.2"
+    assert m.id.startswith("msg_")
+    assert [b.type for b in m.content] == ["text"]
+    assert m.content[0].type == "text" and m.content[0].text == expected_text("gpu")
+    assert m.stop_reason == "end_turn"
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (5, 8)
+    short = claude.messages.create(model="llama3.2", max_tokens=3, messages=CLAUDE_MSGS)
+    assert short.content[0].type == "text" and short.content[0].text == "[gpu] tok1 tok2 "
+    assert short.stop_reason == "max_tokens"
+    rec = gpu.requests(path="/v1/messages")[-1]
+    assert rec["state"] == "completed" and rec["model"] == "llama3.2"
+    assert rec["headers"]["anthropic-version"]  # the SDK's header reaches the log
+
+
+def test_anthropic_stream(claude: anthropic.Anthropic, gpu: FakeOllama) -> None:
+    with claude.messages.stream(model="llama3.2", max_tokens=64, messages=CLAUDE_MSGS) as stream:
+        deltas = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert deltas == ["[gpu] "] + [f"tok{i} " for i in range(1, 8)]
+    assert final.content[0].type == "text" and final.content[0].text == expected_text("gpu")
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 8
+    body = {"model": "llama3.2", "max_tokens": 64, "messages": CLAUDE_MSGS, "stream": True}
+    r = httpx.post(gpu.url + "/v1/messages", json=body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    names = [name for name, _ in events]
+    # Ollama's converter: no ping; one text block; the named event matches data.type
+    assert names == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 8,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert all(name == data["type"] for name, data in events)
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    assert events[2][1]["delta"] == {"type": "text_delta", "text": "[gpu] "}
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_anthropic_tools(claude: anthropic.Anthropic) -> None:
+    m = claude.messages.create(
+        model="llama3.2", max_tokens=256, messages=CLAUDE_MSGS, tools=[CLAUDE_TOOL]
+    )
+    assert m.stop_reason == "tool_use"
+    [block] = m.content
+    assert block.type == "tool_use"
+    assert block.name == "get_weather" and block.input == {"city": "test"}
+    assert block.id.startswith("call_")
+    with claude.messages.stream(
+        model="llama3.2", max_tokens=256, messages=CLAUDE_MSGS, tools=[CLAUDE_TOOL]
+    ) as stream:
+        kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in stream]
+        final = stream.get_final_message()
+    assert ("content_block_delta", "input_json_delta") in kinds
+    assert final.content[0].type == "tool_use" and final.content[0].input == {"city": "test"}
+    # the tool's result turns into a text answer
+    follow: Any = [
+        *CLAUDE_MSGS,
+        {"role": "assistant", "content": [block.model_dump(exclude_none=True)]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "sunny"}],
+        },
+    ]
+    answer = claude.messages.create(
+        model="llama3.2", max_tokens=256, messages=follow, tools=[CLAUDE_TOOL]
+    )
+    assert answer.stop_reason == "end_turn" and answer.content[0].type == "text"
+
+
+def test_anthropic_errors(claude: anthropic.Anthropic, gpu: FakeOllama) -> None:
+    with pytest.raises(anthropic.NotFoundError) as nf:
+        claude.messages.create(model="nope", max_tokens=10, messages=CLAUDE_MSGS)
+    body: Any = nf.value.body
+    assert body["type"] == "error"
+    assert body["error"] == {"type": "not_found_error", "message": "model 'nope' not found"}
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model="llama3.2", max_tokens=0, messages=CLAUDE_MSGS)
+    bad_body: Any = bad.value.body
+    assert bad_body["error"]["type"] == "invalid_request_error"
+    assert bad_body["error"]["message"] == "max_tokens is required and must be positive"
+    gpu.set_faults({"busy": True})
+    with pytest.raises(anthropic.APIStatusError) as busy:
+        claude.messages.create(model="llama3.2", max_tokens=10, messages=CLAUDE_MSGS)
+    assert busy.value.status_code == 503
+    busy_body: Any = busy.value.body
+    assert busy_body["error"]["type"] == "overloaded_error"
+    gpu.set_faults({"oom_models": ["llama3.2"]})
+    with pytest.raises(anthropic.InternalServerError) as oom:
+        claude.messages.create(model="llama3.2", max_tokens=10, messages=CLAUDE_MSGS)
+    oom_body: Any = oom.value.body
+    assert oom_body["error"] == {"type": "api_error", "message": OOM}
+    # after the first byte: an `event: error` in Anthropic's shape, which the SDK raises
+    gpu.set_faults({"error_after_chunks": 2})
+    got: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as mid,
+        claude.messages.stream(model="llama3.2", max_tokens=64, messages=CLAUDE_MSGS) as stream,
+    ):
+        got.extend(stream.text_stream)
+    assert got == ["[gpu] ", "tok1 "]
+    mid_body: Any = mid.value.body
+    assert mid_body == {"type": "error", "error": {"type": "api_error", "message": MIDSTREAM}}
+    gpu.set_faults({"die_after_chunks": 1})
+    with (
+        pytest.raises((anthropic.APIConnectionError, SDK_HTTPX.TransportError)),
+        claude.messages.stream(model="llama3.2", max_tokens=64, messages=CLAUDE_MSGS) as stream,
+    ):
+        list(stream.text_stream)
+
+
+def test_anthropic_silent_stream_errors() -> None:
+    """Ollama's converters drop the error line: the stream just ends, no message_stop."""
+    with FakeOllama.start(
+        "gpu", faults={"error_after_chunks": 2}, extra_args=["--silent-sse-errors"]
+    ) as fake:
+        body = {"model": "llama3.2", "max_tokens": 64, "messages": CLAUDE_MSGS, "stream": True}
+        names = [n for n, _ in sse_events(httpx.post(fake.url + "/v1/messages", json=body).text)]
+        assert names[-1] == "content_block_delta" and "error" not in names
+        body = {"model": "llama3.2", "input": "hi", "stream": True}
+        names = [n for n, _ in sse_events(httpx.post(fake.url + "/v1/responses", json=body).text)]
+        assert names[-1] == "response.output_text.delta"
+
+
+def test_anthropic_count_tokens(claude: anthropic.Anthropic, gpu: FakeOllama) -> None:
+    counted = claude.messages.count_tokens(model="llama3.2", messages=CLAUDE_MSGS)
+    # Ollama estimates a quarter of the characters: "user" + "why is the sky blue"
+    assert counted.input_tokens == (4 + 19) // 4
+    r = httpx.post(gpu.url + "/v1/messages/count_tokens", json={"messages": CLAUDE_MSGS})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# ---- OpenAI Responses (/v1/responses) ------------------------------------------------------
+
+RESPONSES_TOOL: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": WEATHER_TOOL["function"]["parameters"],
+    "strict": None,
+}
+
+
+def test_openai_responses_create(oai: openai.OpenAI) -> None:
+    r = oai.responses.create(model="llama3.2", input="why is the sky blue")
+    assert r.object == "response" and r.status == "completed"
+    assert r.id.startswith("resp_") and r.model == "llama3.2"
+    assert r.output_text == expected_text("gpu")
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant"
+    assert item.content[0].type == "output_text"
+    assert r.usage is not None and (r.usage.input_tokens, r.usage.output_tokens) == (5, 8)
+    short = oai.responses.create(model="llama3.2", input="x", max_output_tokens=2)
+    assert short.output_text == "[gpu] tok1 "
+    call = oai.responses.create(model="llama3.2", input="weather?", tools=[RESPONSES_TOOL])
+    [fc] = call.output
+    assert fc.type == "function_call" and fc.name == "get_weather"
+    assert json.loads(fc.arguments) == {"city": "test"}
+    followed = oai.responses.create(
+        model="llama3.2",
+        input=[
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": "{}"},
+            {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"},
+        ],
+        tools=[RESPONSES_TOOL],
+    )
+    assert followed.output_text == expected_text("gpu")
+
+
+def test_openai_responses_stream(oai: openai.OpenAI) -> None:
+    events = list(oai.responses.create(model="llama3.2", input="hi", stream=True))
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 8,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == expected_text("gpu")
+    done = events[-1]
+    assert done.type == "response.completed"
+    assert done.response.status == "completed" and done.response.output_text == expected_text("gpu")
+    with oai.responses.stream(model="llama3.2", input="weather?", tools=[RESPONSES_TOOL]) as stream:
+        names = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in names
+    assert final.output[0].type == "function_call"
+
+
+def test_openai_responses_errors(oai: openai.OpenAI, gpu: FakeOllama) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.responses.create(model="nope", input="hi")
+    body: Any = nf.value.body
+    assert body["message"] == "model 'nope' not found" and body["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError):
+        bad: Any = {"effort": "extreme"}
+        oai.responses.create(model="llama3.2", input="hi", reasoning=bad)
+    gpu.set_faults({"error_after_chunks": 2})
+    events = list(oai.responses.create(model="llama3.2", input="hi", stream=True))
+    last = events[-1]
+    assert last.type == "response.failed"
+    assert last.response.status == "failed"
+    assert last.response.error is not None and last.response.error.message == MIDSTREAM
+    assert [e.type for e in events].count("response.output_text.delta") == 2
+    gpu.set_faults({"oom_models": ["llama3.2"]})
+    with pytest.raises(openai.InternalServerError):
+        oai.responses.create(model="llama3.2", input="hi")
+    gpu.set_faults({"die_after_chunks": 1})
+    with pytest.raises(openai.APIConnectionError):
+        list(oai.responses.create(model="llama3.2", input="hi", stream=True))
+
+
+def test_openai_models_retrieve(oai: openai.OpenAI) -> None:
+    got = oai.models.retrieve("qwen2.5-coder:7b")
+    assert got.id == "qwen2.5-coder:7b" and got.object == "model" and got.owned_by == "library"
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.models.retrieve("nope")
+    body: Any = nf.value.body
+    assert body["message"] == "model 'nope' not found"
+
+
+def test_unknown_path_is_logged_404(gpu: FakeOllama) -> None:
+    files = {"file": ("a.wav", b"RIFF....", "audio/wav")}
+    r = httpx.post(gpu.url + "/v1/audio/transcriptions", data={"model": "whisper"}, files=files)
+    assert (r.status_code, r.text) == (404, "404 page not found")
+    r = httpx.post(gpu.url + "/api/experimental/thing", json={"model": "llama3.2"})
+    assert r.status_code == 404
+    recs = gpu.requests()
+    assert [(x["path"], x["state"], x["status"]) for x in recs] == [
+        ("/v1/audio/transcriptions", "failed", 404),
+        ("/api/experimental/thing", "failed", 404),
+    ]
+    assert recs[0]["body"]["content_type"] == "multipart/form-data"
+    assert recs[1]["model"] == "llama3.2"
+
+
+# ---- placement: memory, loading, parallel slots --------------------------------------------
+
+GIB = 1024**3
+LLAMA_8B = "llama3.1:8b=32,4096,32,8,131072"  # 128 KiB of f16 KV cache per token
+
+
+def raw_ps(fake: FakeOllama) -> dict[str, Any]:
+    """The only model in /api/ps, as the wire has it."""
+    [model] = httpx.get(fake.url + "/api/ps").json()["models"]
+    found: dict[str, Any] = model
+    return found
+
+
+def test_show_model_info_and_ps_sizes() -> None:
+    args = ["--model-info", LLAMA_8B, "--load-time", "0.2"]
+    models = {"llama3.1:8b": 4_900_000_000, "llama3.2": 2e9}
+    with FakeOllama.start("gpu", models=models, vram=8 * GIB, extra_args=args) as fake:
+        c = ollama.Client(host=fake.url, timeout=10)
+        info = c.show("llama3.1:8b").modelinfo or {}
+        assert info["general.architecture"] == "llama"
+        assert info["llama.block_count"] == 32 and info["llama.embedding_length"] == 4096
+        assert info["llama.attention.head_count"] == 32
+        assert info["llama.attention.head_count_kv"] == 8
+        assert info["llama.context_length"] == 131072
+        first = c.generate(model="llama3.1:8b", prompt="hi")
+        assert (first.load_duration or 0) >= 200_000_000  # this request loaded it
+        again = c.generate(model="llama3.1:8b", prompt="hi")
+        assert (again.load_duration or 0) < 200_000_000  # already loaded: no load
+        [ps] = c.ps().models
+        assert raw_ps(fake)["context_length"] == 4096  # (older ollama clients lack the field)
+        assert ps.size == ps.size_vram == 4_900_000_000 + GIB // 2  # fits at 4k
+        # 64k context: 8 GiB of KV cache on top of the weights spills past 8 GiB of VRAM
+        c.generate(model="llama3.1:8b", prompt="hi", options={"num_ctx": 65536})
+        [ps] = c.ps().models
+        assert raw_ps(fake)["context_length"] == 65536
+        assert ps.size == 4_900_000_000 + 8 * GIB
+        assert ps.size_vram == 8 * GIB < ps.size
+        # unload (what `ollama stop` sends) and preload
+        assert c.generate(model="llama3.1:8b", prompt="", keep_alive=0).done_reason == "unload"
+        assert c.ps().models == []
+        assert c.chat(model="llama3.2", messages=[], keep_alive="10m").done_reason == "load"
+        assert [m.model for m in c.ps().models] == ["llama3.2:latest"]
+        assert c.chat(model="llama3.2", messages=[], keep_alive=0).done_reason == "unload"
+        assert c.ps().models == []
+
+
+def test_one_model_at_a_time_evicts() -> None:
+    args = ["--max-loaded-models", "1", "--load-time", "0.1"]
+    with FakeOllama.start("gpu", vram=12 * GIB, extra_args=args) as fake:
+        c = ollama.Client(host=fake.url, timeout=10)
+        c.chat(model="llama3.2", messages=MSGS)
+        assert [m.model for m in c.ps().models] == ["llama3.2:latest"]
+        r = c.chat(model="qwen2.5-coder:7b", messages=MSGS)
+        assert (r.load_duration or 0) >= 100_000_000
+        assert [m.model for m in c.ps().models] == ["qwen2.5-coder:7b"]
+        back = c.chat(model="llama3.2", messages=MSGS)  # loads again: it was evicted
+        assert (back.load_duration or 0) >= 100_000_000
+
+
+def wait_until(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def in_scheduler(fake: FakeOllama, n: int) -> bool:
+    """Whether ``n`` chats have reached the scheduler (admitted or waiting)."""
+    recs = fake.requests(path="/api/chat")
+    admitted = sum(1 for r in recs if r["admitted_seq"] is not None)
+    return admitted + int(fake.stats()["waiting"]) >= n
+
+
+def run_concurrently(fake: FakeOllama, models: list[str]) -> list[Any]:
+    """Start one chat per model, each once the previous one is in the scheduler; join all."""
+    results: list[Any] = [None] * len(models)
+
+    def call(i: int, model: str) -> None:
+        r = httpx.post(
+            fake.url + "/api/chat",
+            json={"model": model, "messages": MSGS, "stream": False},
+            timeout=10,
+        )
+        results[i] = r
+
+    threads = []
+    for i, model in enumerate(models):
+        t = threading.Thread(target=call, args=(i, model))
+        t.start()
+        threads.append(t)
+        if i + 1 < len(models):
+            wait_until(lambda n=i + 1: in_scheduler(fake, n))
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def by_admission(fake: FakeOllama) -> list[dict[str, Any]]:
+    return sorted(fake.requests(path="/api/chat"), key=lambda r: r["admitted_seq"])
+
+
+def test_parallel_limit_queues_in_order() -> None:
+    args = ["--parallel", "1", "--tokens-per-second", "40"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        results = run_concurrently(fake, ["llama3.2", "llama3.2"])
+        assert [r.status_code for r in results] == [200, 200]
+        first, second = by_admission(fake)
+        # served one after the other: the second got its slot after the first ended
+        assert second["admitted_seq"] > first["finished_seq"]
+    with FakeOllama.start("gpu", extra_args=["--parallel", "2", "--token-delay", "0.05"]) as fake:
+        run_concurrently(fake, ["llama3.2", "llama3.2"])
+        first, second = by_admission(fake)
+        assert second["admitted_seq"] < first["finished_seq"]  # both ran at once
+
+
+def test_another_model_waits_for_the_gpu() -> None:
+    args = ["--parallel", "1", "--max-loaded-models", "1", "--token-delay", "0.05"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        run_concurrently(fake, ["llama3.2", "qwen2.5-coder:7b"])
+        first, second = by_admission(fake)
+        assert {first["model"], second["model"]} == {"llama3.2", "qwen2.5-coder:7b"}
+        assert second["admitted_seq"] > first["finished_seq"]
+
+
+def test_full_queue_is_busy() -> None:
+    args = ["--parallel", "1", "--max-queue", "1", "--token-delay", "0.1"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        results = run_concurrently(fake, ["llama3.2"] * 3)
+        assert [r.status_code for r in results] == [200, 200, 503]
+        assert results[2].json() == {"error": BUSY}
+
+
+def test_prompt_delay_and_speed_show_in_stats() -> None:
+    args = ["--prompt-delay", "0.1", "--tokens-per-second", "50"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        r = ollama.Client(host=fake.url, timeout=10).generate(model="llama3.2", prompt="hi")
+        assert (r.prompt_eval_duration or 0) >= 100_000_000
+        assert (r.eval_duration or 0) >= 7 * 20_000_000  # 8 tokens, 20 ms apart

@@ -37,7 +37,11 @@ BACKEND_ROWS = (re.compile(r"^gpu\s+gpu\s+up\b", re.M), re.compile(r"^cpu\s+cpu\
 @pytest.fixture
 def harbord(tmp_path: Path) -> Iterator[Harbord]:
     with (
-        FakeOllama.start("gpu", models=MODELS, vram=6_000_000_000) as gpu,
+        # a 256-token default context keeps the KV cache (which the fake adds to a
+        # loaded model's size, as Ollama does) out of the "1.9 GiB" top shows below
+        FakeOllama.start(
+            "gpu", models=MODELS, vram=6_000_000_000, extra_args=["--context-length", "256"]
+        ) as gpu,
         FakeOllama.start("cpu", models=MODELS, cpu=True) as cpu,
     ):
         daemon = Harbord.start(tmp_path, gpu_cpu(gpu, cpu))
