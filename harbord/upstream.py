@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import ssl
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -282,6 +283,16 @@ class Exchange:
             await self._wait()
         return self.status, self.content_type, self.headers
 
+    async def body_sent(self) -> None:
+        """Wait until a streamed request body is all written (at once for bytes, or once the
+        answer came early): a deadline for the answer can start here rather than before a
+        long upload. Raises the exchange's error, if it failed."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait((writer,))
+        if self._error is not None:
+            raise self._error
+
     async def read_chunk(self) -> bytes:
         """The body bytes that arrived since the last call; b"" at the end of the body."""
         parser = self._parser
@@ -350,8 +361,19 @@ class Exchange:
     async def _send_body(self, body: AsyncIterable[bytes], length: int | None) -> None:
         conn = self.conn
         assert conn is not None
-        transport = conn.transport
         pieces = aiter(body)
+        try:
+            await self._write_body(conn, pieces, length)
+        finally:
+            close = getattr(pieces, "aclose", None)  # an async generator: run its cleanup now
+            if close is not None:
+                with contextlib.suppress(Exception):  # its failure is no news to anyone
+                    await close()
+
+    async def _write_body(
+        self, conn: _Conn, pieces: AsyncIterator[bytes], length: int | None
+    ) -> None:
+        transport = conn.transport
         sent = 0
         while True:
             try:

@@ -82,6 +82,8 @@ async def test_chunked_upload(serve: Serve) -> None:
     pools = Pools()
     pieces = [b"abc", b"", b"d" * 100_000, b"e"]  # the empty piece must not end the body
     ex = await pools.request(server.url, "POST", "/api/blobs/x", [], Body(pieces), 1)
+    await ex.body_sent()
+    assert not seen or seen == [b"".join(pieces)]  # written, not necessarily read yet
     assert (await ex.response_head())[0] == 200
     assert await ex.read_body() == b"got 100004"
     assert seen == [b"".join(pieces)]
@@ -135,6 +137,8 @@ async def test_client_body_failing_aborts_the_backend(serve: Serve) -> None:
     server = await serve(handler)
     body = Body([b"a" * 1000] * 5, fail_after=2)
     ex = await Pools().request(server.url, "POST", "/", [], body, 1)
+    with pytest.raises(RequestBodyError):
+        await ex.body_sent()
     with pytest.raises(RequestBodyError) as info:
         await ex.response_head()
     assert isinstance(info.value.__cause__, ConnectionResetError)
@@ -155,7 +159,7 @@ async def test_early_answer_while_uploading(serve: Serve) -> None:
     ex = await pools.request(server.url, "POST", "/api/blobs/x", [], body, 1)
     assert (await ex.response_head())[0] == 413
     assert await ex.read_body() == b'{"error":"too large"}'
-    await asyncio.sleep(0)
+    await ex.body_sent()  # the answer ended the upload: nothing to wait for
     assert body.stopped and body.taken < 100_000
     assert not pools.get(server.url).idle  # the body was not finished: not reusable
     await asyncio.wait_for(server.closed.wait(), 2)
