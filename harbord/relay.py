@@ -146,18 +146,18 @@ class Relay:
         wait = config.first_byte_timeout if decision.stream else config.answer_timeout
         deadline = asyncio.timeout(wait)
         backend.waiting.add(deadline)
+        send = self.harbor.upstreams.request
+        args = (request.method, request.path_qs, headers.items(), body, config.connect_timeout)
         try:
             try:
+                if not isinstance(body, bytes):
+                    # An upload takes as long as the client takes to send it: the wait for
+                    # the answer starts once it is all sent.
+                    upstream = await send(config.url, *args, content_length)
+                    await upstream.body_sent()
                 async with deadline:
-                    upstream = await self.harbor.upstreams.request(
-                        config.url,
-                        request.method,
-                        request.path_qs,
-                        headers.items(),
-                        body,
-                        config.connect_timeout,
-                        content_length,
-                    )
+                    if upstream is None:
+                        upstream = await send(config.url, *args, content_length)
                     await upstream.response_head()
                     if upstream.status >= 400:
                         error_body = await upstream.read_body(fail.MAX_ERROR_BODY)
