@@ -192,10 +192,10 @@ class Relay:
                 decision.attempts.append(
                     Attempt(backend.name, "failed", error_class, text, after_first_byte=True)
                 )
-                backend.record_failure(error_class, text)
-                log.warning(
-                    "request %s: %s after the first byte; ending the stream", decision.id, text
-                )
+                log.warning("request %s: %s after the first byte", decision.id, text)
+                # Too late to try elsewhere, not too late to learn (an OOM pins the model).
+                if decision.plan is not None:
+                    self._react(backend, Failure(error_class, text), decision.plan, decision)
             return response
         finally:
             if upstream is not None:

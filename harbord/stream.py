@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
+from harbord.classify import classify, error_text
 from harbord.errors import family_of, stream_error
 from harbord.schemas import ErrorClass
 from harbord.upstream import Exchange, UpstreamError
@@ -66,6 +67,19 @@ def is_json(body: bytes) -> bool:
     return True
 
 
+def error_in_lines(lines: bytes) -> tuple[ErrorClass, str] | None:
+    """The class and text of an error line the backend wrote among `lines`, if any.
+
+    Ollama ends a stream that fails while it runs with one `{"error": ...}` line (an
+    SSE `data:` event on /v1): relayed as it is, but still worth learning from."""
+    for line in lines.split(b"\n"):
+        if looks_like_error(line):
+            text = error_text(line.strip().removeprefix(b"data:").strip())
+            if text:
+                return classify(500, text), text
+    return None
+
+
 async def relay_stream(
     request: web.Request,
     upstream: Exchange,
@@ -74,7 +88,8 @@ async def relay_stream(
     backend_name: str,
     idle: float,
 ) -> tuple[web.StreamResponse, tuple[ErrorClass, str] | None]:
-    """Send the answer's head and every whole line; returns the failure that ended it early.
+    """Send the answer's head and every whole line; returns the failure that ended it early:
+    harbord's own (the backend broke off or went quiet) or the backend's error line.
 
     Raises the upstream error when it was the client that left (nothing to tell anyone)."""
     response = web.StreamResponse(status=upstream.status, headers=headers)
@@ -86,6 +101,8 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     read_chunk = upstream.read_chunk
     failure: tuple[ErrorClass, str] | None = None
+    # The first read may hold more than the first line, the backend's error line too.
+    backend_error = error_in_lines(sent) if b'"error"' in sent else None
     # Moving the deadline on every chunk costs a timer per token; moving it by 1.5 idle
     # periods at most every half period keeps it between idle and 1.5 idle after the
     # last chunk, for one timer per half period.
@@ -107,6 +124,8 @@ async def relay_stream(
                     whole = chunk[: len(chunk) - len(pending)]
                     await response.write(whole)  # a client that left raises here
                     tail = (tail + whole)[-2:]
+                    if b'"error"' in whole:  # a memchr per chunk, and only then a look
+                        backend_error = error_in_lines(whole) or backend_error
         if pending:
             failure = "other", f"{backend_name} ended its stream inside a line"
     except TimeoutError:
@@ -120,4 +139,4 @@ async def relay_stream(
         fresh = b"" if tail.endswith(b"\n\n" if sse else b"\n") or not tail else b"\n"
         await response.write(fresh + stream_error(failure[1], family_of(request.path), sse))
     await response.write_eof()
-    return response, failure
+    return response, failure or backend_error

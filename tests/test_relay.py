@@ -137,6 +137,31 @@ async def test_an_error_line_after_the_first_byte_ends_the_ollama_stream(stack: 
     assert stack.cpu.requests("/api/chat") == [], "no retry once bytes reached the client"
 
 
+@pytest.mark.parametrize("openai", [False, True])
+async def test_an_oom_after_the_first_byte_pins_the_model_for_the_next_request(
+    stack: Stack, openai: bool
+) -> None:
+    stack.gpu.set_faults({"error_after_chunks": 2})
+    response = await stack.chat(stream=True, openai=openai)
+    assert response.headers["X-Harbor-Backend"] == "gpu"
+    assert any(b"out of memory" in line for line in await read_lines(response))
+
+    async def pinned() -> bool:  # the relay learns once the stream is over: just after EOF
+        return "llama3.2:latest" in stack.harbor.state.pins
+
+    await stack.wait_for(pinned, "the model pinned after the mid-stream OOM")
+    pin = stack.harbor.state.pins["llama3.2:latest"]
+    assert (pin.backend, pin.source) == ("cpu", "oom")
+    decision = stack.harbor.ledger.decisions[response.headers["X-Harbor-Request-Id"]]
+    assert [(a.outcome, a.error_class, a.after_first_byte) for a in decision.attempts] == [
+        ("served", None, False),
+        ("failed", "oom", True),
+    ]
+    stack.gpu.set_faults({})
+    again = await stack.chat(stream=False, openai=openai)
+    assert again.headers["X-Harbor-Backend"] == "cpu"
+
+
 async def test_an_error_event_after_the_first_byte_ends_the_sse_stream(stack: Stack) -> None:
     stack.gpu.set_faults({"error_after_chunks": 2})
     response = await stack.chat(stream=True, openai=True)
