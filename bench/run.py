@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,15 @@ BENCH = ROOT / "bench"
 TOOLS_VENV = BENCH / ".venv"
 LITELLM_VENV = BENCH / ".venv-litellm"
 TOOLS = ["matplotlib", "py-spy"]
-HARBORD_DEPS = ["aiohttp>=3.11", "msgspec>=0.19", "sdnotify>=0.3.2", "uvloop>=0.19", "httpx>=0.28"]
+
+
+def _harbord_deps() -> list[str]:
+    """harbord's own requirements, from pyproject.toml (one list, not a copy of it)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["uvloop"]]
+
+
+HARBORD_DEPS = _harbord_deps()
 CLK = os.sysconf("SC_CLK_TCK")
 MODEL = "llama3.2"
 
@@ -73,7 +82,8 @@ def bootstrap() -> None:
     if not py.exists():
         log("creating bench/.venv (system site packages + matplotlib, py-spy)")
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(TOOLS_VENV)], check=True)
-    probe = "import matplotlib, aiohttp, msgspec, sdnotify, uvloop; import shutil, sys; " \
+    probe = "import matplotlib, aiohttp, msgspec, sdnotify, uvloop, prometheus_client, " \
+            "multidict; import shutil, sys; " \
             "sys.exit(0 if shutil.which('py-spy', path=sys.prefix + '/bin') else 1)"
     if subprocess.run([str(py), "-c", probe], capture_output=True).returncode != 0:
         log("installing into bench/.venv: " + " ".join(TOOLS + HARBORD_DEPS))
