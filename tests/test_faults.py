@@ -601,6 +601,7 @@ def test_busy_and_oom_mid_burst(daemon: Harbord, backends: Pair) -> None:
             tag = (record["body"] or {}).get("messages", [{}])[0].get("content")
             if tag in ran:
                 ran[tag].append((fake.name, record["state"], record["chunks_sent"]))
+    midstream_on_gpu = 0
     for tag, result in results.items():
         assert result.error is None and result.status == 200, (tag, result.status, result.error)
         with_output = [r for r in ran[tag] if r[2] > 0]
@@ -621,9 +622,13 @@ def test_busy_and_oom_mid_burst(daemon: Harbord, backends: Pair) -> None:
             # OOM at load: fell back, or (once pinned) went straight to the cpu.
             assert served == "cpu" and chunks[-1]["done"] is True
             assert result.headers.get("x-harbor-fallbacks", "gpu=oom") == "gpu=oom"
-        else:  # OOM mid-stream on the gpu: the error line ends it; no retry on the cpu
-            assert served == "gpu" and "out of memory" in chunks[-1]["error"]
+        elif served == "gpu":  # OOM mid-stream on the gpu: the error line ends it, no retry
+            assert "out of memory" in chunks[-1]["error"]
             assert [r[0] for r in ran[tag]] == ["gpu"]
+            midstream_on_gpu += 1
+        else:  # sent after a mid-stream OOM had pinned the model: straight to the cpu
+            assert served == "cpu" and chunks[-1]["done"] is True
+            assert [r[0] for r in ran[tag]] == ["cpu"]
     fell_back = {
         tag[0] + "=" + results[tag].headers["x-harbor-fallbacks"]
         for tag in results
@@ -632,7 +637,10 @@ def test_busy_and_oom_mid_burst(daemon: Harbord, backends: Pair) -> None:
     assert fell_back == {"b=gpu=busy", "c=gpu=oom"}
     pin = daemon.status()["pins"]["burst-oom:latest"]
     assert pin["backend"] == "cpu" and pin["source"] == "oom"
-    assert "burst-midstream:latest" not in daemon.status()["pins"]
+    # An OOM after the first byte cannot move that request, but pins the model for the next.
+    assert midstream_on_gpu >= 1
+    pin = daemon.status()["pins"]["burst-midstream:latest"]
+    assert pin["backend"] == "cpu" and pin["source"] == "oom"
 
 
 # --- backends down, refused, cold, hung -----------------------------------------------------
