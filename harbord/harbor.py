@@ -20,16 +20,23 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from harbord import __version__, policy
+from harbord.affinity import (
+    affinities_to_drop,
+    affinity_after_serve,
+    affinity_expired,
+    expired_affinities,
+    should_learn_affinity,
+)
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
 from harbord.metrics import Metrics
 from harbord.schemas import (
-    Affinity,
     BackendStatus,
     CheckEntry,
     Counters,
     Decision,
+    ModelFacts,
     Pin,
     Plan,
     Status,
@@ -40,6 +47,7 @@ from harbord.upstream import Pools
 log = logging.getLogger(__name__)
 
 DECISIONS_KEPT = 500
+_NO_FACTS: dict[str, ModelFacts] = {}
 _request_ids = itertools.count(1)
 _request_id_prefix = f"{os.getpid():x}"
 
@@ -121,6 +129,9 @@ class Harbor:
 
     def _backend_changed(self, backend: Backend) -> None:
         self._views = [b.view for b in self.backends.values()]
+        if backend.came_up:
+            backend.came_up = False
+            self.drop_affinity_away_from(backend.name)
         self.status_changed()
 
     async def apply_config(self, config: Config) -> None:
@@ -140,15 +151,26 @@ class Harbor:
     # -- routing --------------------------------------------------------------
 
     def plan(self, request: policy.RouteRequest) -> Plan:
-        return policy.plan(
+        routing = self.config.routing
+        prober = self._prober
+        facts = prober.model_facts.facts if prober is not None else _NO_FACTS
+        plan = policy.plan(
             request,
-            self._views,
+            [b.view for b in self.backends.values()],  # brings each view's load up to date
             self.state.pins,
             self.state.affinity,
             self.config.models,
-            self.config.routing.default_intent,
+            routing.default_intent,
             time.time(),
+            model_facts=facts,
+            affinity_ttl=routing.affinity_ttl,
+            cpu_slowdown=routing.cpu_slowdown,
         )
+        model = plan.model
+        if prober is not None and model is not None and model not in facts:
+            # Never waited for: this plan goes without; a later one has the facts.
+            prober.model_facts.want(model, self.backends.values())
+        return plan
 
     def record(self, decision: Decision) -> None:
         self.metrics.observe(decision)
@@ -189,16 +211,57 @@ class Harbor:
             self.schedule_save()
         return removed is not None
 
-    def learn_affinity(self, model: str, backend: str) -> None:
+    def learn_affinity(self, plan: Plan, served_backend: str, forced: bool = False) -> bool:
+        """An answer for plan.model was served by `served_backend`: remember it, unless
+        the plan did not choose it on its own (affinity.should_learn_affinity). True
+        when learned. The relay calls this once per answer served."""
+        model = plan.model
+        if model is None or not should_learn_affinity(plan, served_backend, forced):
+            return False
+        now = time.time()
         current = self.state.affinity.get(model)
-        if current is None or current.backend != backend:
-            self.state.affinity[model] = Affinity(backend=backend, since=time.time())
+        self.state.affinity[model] = affinity_after_serve(current, served_backend, now)
+        if current is None or current.backend != served_backend:
+            log.info("affinity: %s stays on %s", model, served_backend)
+            self.schedule_save()
+        elif self.state.affinity_save_due(now):
+            self.schedule_save()  # last_served, a few times an affinity_ttl at most
+        return True
+
+    def reset_affinity(self, model: str | None = None) -> list[str]:
+        """Forget the affinity of `model` (all when None); the models forgotten."""
+        affinity = self.state.affinity
+        models = list(affinity) if model is None else [policy.normalize_model(model)]
+        cleared = [m for m in models if affinity.pop(m, None) is not None]
+        if cleared:
+            log.info("affinity reset: %s", ", ".join(cleared))
+            self.schedule_save()
+        return cleared
+
+    def drop_affinity_away_from(self, came_up: str) -> None:
+        """`came_up` is healthy again: forget the affinities that kept models off it."""
+        views = [b.view for b in self.backends.values()]
+        gone = affinities_to_drop(self.state.affinity, views, came_up)
+        for model in gone:
+            log.info("affinity of %s to %s dropped: %s is up", model,
+                     self.state.affinity.pop(model).backend, came_up)  # fmt: skip
+        if gone:
+            self.schedule_save()
+
+    def expire_affinity(self) -> None:
+        now = time.time()
+        gone = expired_affinities(self.state.affinity, now, self.config.routing.affinity_ttl)
+        for model in gone:
+            del self.state.affinity[model]
+        if gone:
+            log.info("affinity expired: %s", ", ".join(gone))
             self.schedule_save()
 
     def expire_pins(self) -> None:
         for model in self.state.expire(time.time()):
             log.info("pin of %s expired", model)
             self.schedule_save()
+        self.expire_affinity()  # the same housekeeping round
 
     def schedule_save(self) -> None:
         """Save soon, off the event loop; changes during a save cause one more."""
@@ -227,7 +290,11 @@ class Harbor:
             socket=str(self.config.socket),
             backends=[self._backend_status(b) for b in self.backends.values()],
             pins={m: p for m, p in self.state.pins.items() if p.active(now)},
-            affinity=dict(self.state.affinity),
+            affinity={
+                m: a
+                for m, a in self.state.affinity.items()
+                if not affinity_expired(a, now, self.config.routing.affinity_ttl)
+            },
             counters=self.counters,
             in_flight=self.in_flight,
             state_note=self.state.note,

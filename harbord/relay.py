@@ -480,9 +480,7 @@ class Relay:
         harbor.counters.served += 1
         by_backend = harbor.counters.by_backend
         by_backend[backend.name] = by_backend.get(backend.name, 0) + 1
-        model = decision.plan.model
-        if model is not None and decision.intent == "fast" and not decision.plan.forced:
-            harbor.learn_affinity(model, backend.name)
+        harbor.learn_affinity(decision.plan, backend.name)
 
     def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:
         """What a failure teaches us: pins, health."""
