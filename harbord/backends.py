@@ -318,7 +318,7 @@ class Backend:
         if learned != self.spilled_contexts:
             for name, ctx in learned.items():
                 if self.spilled_contexts.get(name) != ctx:
-                    log.warning("%s spilled to system RAM on %s at context %d", name, self.name, ctx)
+                    log.warning("%s spilled to system RAM on %s at %d", name, self.name, ctx)
             self.spilled_contexts = learned
 
     def status(self) -> BackendStatus:

@@ -168,8 +168,10 @@ class Harbor:
         )
         model = plan.model
         if prober is not None and model is not None and model not in facts:
-            # Never waited for: this plan goes without; a later one has the facts.
-            prober.model_facts.want(model, self.backends.values())
+            # Never waited for: this plan goes without; a later one has the facts. Asked
+            # of the backend the plan goes to first, which is about to load the model.
+            backends = self.backends
+            prober.model_facts.want(model, [backends[name] for name in plan.backends])
         return plan
 
     def record(self, decision: Decision) -> None:
