@@ -32,6 +32,7 @@ from harbord.config import Config
 from harbord.health import Prober
 from harbord.metrics import Metrics
 from harbord.schemas import (
+    Affinity,
     BackendStatus,
     CheckEntry,
     Counters,
@@ -230,6 +231,12 @@ class Harbor:
             self.schedule_save()  # last_served, a few times an affinity_ttl at most
         return True
 
+    def active_affinity(self, now: float | None = None) -> dict[str, Affinity]:
+        """The affinities the policy still uses (not expired), by model."""
+        when = time.time() if now is None else now
+        ttl = self.config.routing.affinity_ttl
+        return {m: a for m, a in self.state.affinity.items() if not affinity_expired(a, when, ttl)}
+
     def reset_affinity(self, model: str | None = None) -> list[str]:
         """Forget the affinity of `model` (all when None); the models forgotten."""
         affinity = self.state.affinity
@@ -292,11 +299,7 @@ class Harbor:
             socket=str(self.config.socket),
             backends=[self._backend_status(b) for b in self.backends.values()],
             pins={m: p for m, p in self.state.pins.items() if p.active(now)},
-            affinity={
-                m: a
-                for m, a in self.state.affinity.items()
-                if not affinity_expired(a, now, self.config.routing.affinity_ttl)
-            },
+            affinity=self.active_affinity(now),
             counters=self.counters,
             in_flight=self.in_flight,
             state_note=self.state.note,
