@@ -1046,6 +1046,7 @@ def test_status_shows_each_gpus_memory_budget_and_its_source(
     )
     daemon.get("/harbor/status").respond(200, content=encode(value))
     code, out, _ = run(capsys, "status")
+    assert code == 0
     assert "gpu memory budget 11.2 GiB (from journal: NVIDIA GeForce RTX 4070)" in out
     assert "gpu2 memory budget unknown (journal: journalctl not found; sysfs: none)" in out
     assert "gpu spilled qwen3:14b at 32k context" in out
