@@ -226,6 +226,7 @@ class Backend:
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
         self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
+        self.rediscover.set()  # vram or the unit may have changed
         self.changed()
 
     # -- health transitions -----------------------------------------------------

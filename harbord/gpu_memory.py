@@ -72,7 +72,8 @@ async def _run(argv: Sequence[str], timeout: float, keep: str | None = None) -> 
             code = await proc.wait()
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # harbord is stopping: nothing left behind
+            proc.kill()  # harbord is stopping: nothing left behind, not even a zombie
+        await proc.wait()
         raise
     except (TimeoutError, ValueError):  # ValueError: a line over asyncio's 64 KiB limit
         with contextlib.suppress(ProcessLookupError):

@@ -3,8 +3,12 @@ through stand-in commands and a sysfs tree in tmp_path; every failure is "not fo
 
 from __future__ import annotations
 
+import asyncio
+import os
 import stat
 from pathlib import Path
+
+import pytest
 
 from harbord.gpu_memory import (
     GpuFigures,
@@ -131,3 +135,16 @@ async def test_discover_gathers_every_source_and_says_what_it_did_not_find(
     assert (nothing.journal, nothing.sysfs, nothing.nvidia_smi, nothing.total) == ((), (), (), None)
     assert len(nothing.missing) == 3
     assert GpuFigures(sysfs=(GpuMemory(4 * GIB),)).total == 4 * GIB
+
+
+async def test_stopping_mid_read_leaves_no_process_behind(tmp_path: Path) -> None:
+    hangs = script(tmp_path, "hangs", f'echo $$ > "{tmp_path}/pid"; exec sleep 30')
+    reading = asyncio.create_task(read_journal("u.service", timeout=60, journalctl=hangs))
+    pid_file = tmp_path / "pid"
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        await asyncio.sleep(0.01)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
