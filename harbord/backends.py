@@ -313,6 +313,11 @@ class Backend:
         if changed:
             self.changed()
 
+    def is_loaded(self, model: str) -> bool:
+        """Whether the last /api/ps read showed `model` loaded here (a normalised name);
+        an answer for a model that was not is a load: the relay calls Prober.after_load."""
+        return any(normalize_model(entry.name) == model for entry in self.loaded)
+
     def set_loaded(self, loaded: list[PsModel]) -> None:
         """What /api/ps shows loaded now (Prober.after_load): spills are learned at once."""
         if loaded != self.loaded:

@@ -38,7 +38,7 @@ _tags = msgspec.json.Decoder(Tags)
 _ps = msgspec.json.Decoder(Ps)
 # A GPU's memory hardly changes while its Ollama runs: read again this often, and
 # whenever the backend comes back up (its unit restarted, a new Ollama logged anew).
-MEMORY_REFRESH = 600.0
+MEMORY_REFRESH = 300.0
 
 
 class Prober:

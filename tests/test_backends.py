@@ -135,6 +135,7 @@ def test_a_spill_in_api_ps_is_learned_with_its_context_and_shows_the_budget() ->
     spilled = PsModel(MODEL, size=12 * GIB, size_vram=7 * GIB, context_length=65536)
     backend.set_inventory({MODEL: SIZE}, [spilled])
     assert backend.spilled_contexts == {MODEL: 65536}
+    assert backend.is_loaded(MODEL) and not backend.is_loaded("llama3.2:latest")
     view = backend.view
     assert view.spilled_contexts == {MODEL: 65536}
     assert view.spilled == {MODEL: (12 * GIB, 7 * GIB)}
