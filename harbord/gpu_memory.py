@@ -152,10 +152,11 @@ class Sources:
 async def discover(unit: str, sources: Sources | None = None) -> GpuFigures:
     """Every source at once; a source that fails is reported missing, never raised."""
     where = sources or Sources()
-    journal, sysfs, smi = await asyncio.gather(
-        read_journal(unit, where.timeout, where.journalctl),
-        read_sysfs(where.drm_root, where.timeout),
-        read_nvidia_smi(where.timeout, where.nvidia_smi),
-    )
+    # A task group, not gather: cancelled, it waits for each read to kill its command.
+    async with asyncio.TaskGroup() as group:
+        reading_journal = group.create_task(read_journal(unit, where.timeout, where.journalctl))
+        reading_sysfs = group.create_task(read_sysfs(where.drm_root, where.timeout))
+        reading_smi = group.create_task(read_nvidia_smi(where.timeout, where.nvidia_smi))
+    journal, sysfs, smi = reading_journal.result(), reading_sysfs.result(), reading_smi.result()
     missing = tuple(why for _, why in (journal, sysfs, smi) if why is not None)
     return GpuFigures(tuple(journal[0]), tuple(sysfs[0]), tuple(smi[0]), missing)

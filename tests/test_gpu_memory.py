@@ -20,6 +20,7 @@ from harbord.gpu_memory import (
 )
 from harbord.memory import GIB, MIB
 from harbord.schemas import GpuMemory
+from tests.inproc import assert_no_tasks_left
 
 JOURNAL = """\
 time=2026-12-01T08:00:00.000Z level=INFO source=routes.go:1 msg="server config" env="map[]"
@@ -148,3 +149,15 @@ async def test_stopping_mid_read_leaves_no_process_behind(tmp_path: Path) -> Non
         await reading
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(int(pid_file.read_text()), 0)
+
+
+async def test_discover_cancelled_waits_for_every_read_to_end(tmp_path: Path) -> None:
+    hangs = script(tmp_path, "hangs", f'echo $$ > "{tmp_path}/pid"; exec sleep 30')
+    where = Sources(journalctl=hangs, drm_root=tmp_path, nvidia_smi=hangs, timeout=60)
+    discovering = asyncio.create_task(discover("u.service", where))
+    while not (tmp_path / "pid").exists():
+        await asyncio.sleep(0.01)
+    discovering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await discovering
+    await assert_no_tasks_left()  # no read of the three still winding down
