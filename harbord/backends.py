@@ -8,19 +8,35 @@ something it shows changes, so a routing decision never waits for I/O.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import fields
+from types import MappingProxyType
+from typing import Any
 
 import aiohttp
 
 from harbord.config import BackendConfig
+from harbord.gpu_memory import GpuFigures
+from harbord.memory import choose_budget, default_context, spill_budget, update_spills
 from harbord.policy import BackendView, normalize_model
-from harbord.schemas import BackendStatus, ErrorClass, Health, LoadedModel, PsModel, UnitStatus
+from harbord.queueing import WaitQueue, ewma
+from harbord.schemas import (
+    BackendStatus,
+    ErrorClass,
+    Health,
+    Intent,
+    LoadedModel,
+    MemoryBudget,
+    PsModel,
+    UnitStatus,
+)
 
 log = logging.getLogger(__name__)
+
+# The view's fields but the load's (in_flight, queued), which `Backend.view` refreshes.
+_KEPT_FIELDS = tuple(f.name for f in fields(BackendView) if f.name not in ("in_flight", "queued"))
 
 
 class Limiter:
@@ -29,32 +45,45 @@ class Limiter:
     `acquire` answers False at once when the queue is full and after
     `queue_timeout` seconds of waiting, so the caller can spill to the next
     backend instead of waiting without bound. A limit of 0 means no limit.
+    Waiters are served `fast` before `heavy`, with ageing (queueing.WaitQueue).
     """
 
-    def __init__(self, limit: int, max_queue: int, queue_timeout: float) -> None:
+    def __init__(
+        self, limit: int, max_queue: int, queue_timeout: float, fast_head_start: float = 10.0
+    ) -> None:
         self.limit = limit
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.active = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: WaitQueue[asyncio.Future[None]] = WaitQueue(fast_head_start)
+
+    @property
+    def fast_head_start(self) -> float:
+        return self._waiters.fast_head_start
+
+    @fast_head_start.setter
+    def fast_head_start(self, seconds: float) -> None:
+        self._waiters.fast_head_start = seconds  # for later arrivals; keys are fixed
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> bool:
+    async def acquire(self, intent: Intent = "fast") -> bool:
         if not self.limit or (self.active < self.limit and not self._waiters):
             self.active += 1
             return True
         if len(self._waiters) >= self.max_queue:
             return False
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.push(waiter, intent, loop.time())
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await waiter
         except TimeoutError:
-            return False
+            # Handed a slot just as the time ran out: take it rather than lose it.
+            return waiter.done() and not waiter.cancelled()
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # we were handed a slot as we were cancelled
@@ -62,14 +91,13 @@ class Limiter:
         finally:
             if not waiter.done():
                 waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+            self._waiters.remove(waiter)  # False when release() popped it already
         return True
 
     def release(self) -> None:
         # Hand the slot straight to the next waiter, so a new arrival cannot jump the queue.
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_result(None)
                 return
@@ -103,16 +131,46 @@ class Backend:
         self.wake = asyncio.Event()
         self.unit_status: UnitStatus | None = None
         self.on_change: Callable[[Backend], None] | None = None
-        self.view = self._build_view()
+        # Placement facts (issue 11). Model -> moving average of a request's duration
+        # here, ms: updated in place per answer, read live through the view's proxy.
+        self.service_ms: dict[str, float] = {}
+        self._service_view = MappingProxyType(self.service_ms)
+        # Model -> the smallest context /api/ps showed it spilled at (GPU backends).
+        self.spilled_contexts: dict[str, int] = {}
+        self.gpu_figures = GpuFigures()  # what gpu_memory.discover found
+        self.budget: MemoryBudget | None = None
+        # Set when the backend comes up from down or unknown: Harbor drops affinity
+        # pointing away from it, and the prober reads the GPU's memory again.
+        self.came_up = False
+        self.rediscover = asyncio.Event()
+        self._view: BackendView
+        self._view_fields: dict[str, Any] = {}
+        self.changed()
 
     # -- the policy's snapshot ------------------------------------------------
 
+    @property
+    def default_context(self) -> int:
+        """The context of a request without num_ctx here: configured, else Ollama's own
+        default for this GPU's memory (a cpu backend's Ollama sees no GPU)."""
+        total = (self.gpu_figures.total or self.config.vram) if self.config.kind == "gpu" else None
+        return default_context(self.config.default_context, total)
+
     def _build_view(self) -> BackendView:
+        gpu = self.config.kind == "gpu"
         spilled: dict[str, tuple[int, int]] = {}
-        if self.config.kind == "gpu":
+        if gpu:
             for model in self.loaded:
                 if 0 < model.size_vram < model.size:
                     spilled[normalize_model(model.name)] = (model.size, model.size_vram)
+            figures = self.gpu_figures
+            self.budget = choose_budget(
+                self.config.vram,
+                figures.journal,
+                figures.sysfs,
+                figures.nvidia_smi,
+                spill_budget(self.loaded),
+            )
         return BackendView(
             name=self.name,
             kind=self.config.kind,
@@ -120,13 +178,47 @@ class Backend:
             cooldown=self.cooldown,
             models=self.models,
             spilled=spilled,
-            memory_limit=self.config.memory_limit if self.config.kind == "gpu" else None,
+            memory_limit=self.config.memory_limit if gpu else None,
+            budget=self.budget if gpu else None,
+            default_context=self.default_context,
+            kv_cache_type=self.config.kv_cache_type,
+            parallel=self.config.parallel,
+            in_flight=self.in_flight,
+            queued=self.limiter.queued,
+            service_ms=self._service_view,
+            spilled_contexts=self.spilled_contexts,
         )
 
+    @property
+    def view(self) -> BackendView:
+        """The policy's snapshot. Rebuilt whole when a fact changes (`changed`); the
+        load (in flight, queued), which changes per request, is brought up to date
+        here, lazily, only when a plan reads it and it moved."""
+        view = self._view
+        queued = self.limiter.queued
+        if view.in_flight != self.in_flight or view.queued != queued:
+            # From the fields kept at the last rebuild: half of what dataclasses.replace
+            # costs (which looks the fields up each time).
+            view = self._view = BackendView(
+                **self._view_fields, in_flight=self.in_flight, queued=queued
+            )
+        return view
+
     def changed(self) -> None:
-        self.view = self._build_view()
+        self._view = view = self._build_view()
+        self._view_fields = {name: getattr(view, name) for name in _KEPT_FIELDS}
         if self.on_change is not None:
             self.on_change(self)
+
+    def record_service(self, model: str, duration_ms: float) -> None:
+        """A request for `model` took `duration_ms` here (the relay, per answer served)."""
+        name = normalize_model(model)
+        self.service_ms[name] = ewma(self.service_ms.get(name), duration_ms)
+
+    def set_gpu_figures(self, figures: GpuFigures) -> None:
+        if figures != self.gpu_figures:
+            self.gpu_figures = figures
+            self.changed()
 
     def reconfigure(self, config: BackendConfig) -> None:
         self.config = config
@@ -134,6 +226,7 @@ class Backend:
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
         self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
+        self.rediscover.set()  # vram or the unit may have changed
         self.changed()
 
     # -- health transitions -----------------------------------------------------
@@ -150,12 +243,18 @@ class Backend:
             log.info(
                 "backend %s is up%s", self.name, f" (ollama {self.version})" if self.version else ""
             )
+        self._coming_up()
         # A degraded backend stays degraded until a request succeeds on it.
         self.health = "degraded" if self.health == "degraded" else "up"
         self.cooldown = False
         self.hung = False
         self.last_change = time.time()
         self.changed()
+
+    def _coming_up(self) -> None:
+        if self.health in ("down", "unknown"):
+            self.came_up = True
+            self.rediscover.set()
 
     def mark_down(
         self, reason: str, error_class: ErrorClass = "network", cooldown: bool = False
@@ -182,6 +281,7 @@ class Backend:
     def record_success(self) -> None:
         self.served += 1
         if self.health != "up" or self.cooldown:
+            self._coming_up()
             self.health = "up"
             self.cooldown = False
             self.hung = False
@@ -207,10 +307,36 @@ class Backend:
             changed = True
         if loaded is not None and loaded != self.loaded:
             self.loaded = loaded
+            self._learn_spills(loaded)
             changed = True
         self.inventory_at = time.monotonic()
         if changed:
             self.changed()
+
+    def is_loaded(self, model: str) -> bool:
+        """Whether the last /api/ps read showed `model` loaded here (a normalised name);
+        an answer for a model that was not is a load: the relay calls Prober.after_load."""
+        return any(normalize_model(entry.name) == model for entry in self.loaded)
+
+    def set_loaded(self, loaded: list[PsModel]) -> None:
+        """What /api/ps shows loaded now (Prober.after_load): spills are learned at once."""
+        if loaded != self.loaded:
+            self.loaded = loaded
+            self._learn_spills(loaded)
+            self.changed()
+
+    def _learn_spills(self, loaded: list[PsModel]) -> None:
+        if self.config.kind != "gpu":
+            return
+        learned = self.spilled_contexts
+        for entry in loaded:
+            name, ctx = normalize_model(entry.name), entry.context_length
+            learned = update_spills(learned, name, ctx, entry.size, entry.size_vram)
+        if learned != self.spilled_contexts:
+            for name, ctx in learned.items():
+                if self.spilled_contexts.get(name) != ctx:
+                    log.warning("%s spilled to system RAM on %s at %d", name, self.name, ctx)
+            self.spilled_contexts = learned
 
     def status(self) -> BackendStatus:
         return BackendStatus(
@@ -228,7 +354,22 @@ class Backend:
             last_change=self.last_change,
             cooldown=self.cooldown,
             models=sorted(self.models or ()),
-            loaded=[LoadedModel(m.name, m.size, m.size_vram, m.expires_at) for m in self.loaded],
-            memory_pressure=sorted(self.view.spilled),
+            loaded=[
+                LoadedModel(m.name, m.size, m.size_vram, m.expires_at, m.context_length)
+                for m in self.loaded
+            ],
+            memory_pressure=sorted(self._view.spilled),
             unit_status=self.unit_status,
+            memory_budget=self.budget,
+            parallel=self.config.parallel,
+            spilled_contexts=dict(self.spilled_contexts),
+            service_ms={m: round(ms, 1) for m, ms in self.service_ms.items()},
+            memory_note=self._memory_note(),
+            default_context=self.default_context,
         )
+
+    def _memory_note(self) -> str | None:
+        if self.config.kind != "gpu" or self.budget is not None:
+            return None
+        missing = self.gpu_figures.missing
+        return "; ".join(missing) if missing else "not looked for yet"

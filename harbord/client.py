@@ -50,6 +50,7 @@ from harbord.client_wire import (
 from harbord.config import default_socket
 from harbord.harbor_endpoints import Endpoint, Param
 from harbord.schemas import (
+    Affinity,
     CheckEntry,
     Decision,
     Intent,
@@ -166,8 +167,19 @@ class HarborClient(_Base):
     def models(self) -> Inventory:
         return self.call(api.MODELS)
 
-    def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return self.call(api.ROUTE, model=model, intent=intent)
+    def route(self, model: str, intent: Intent | None = None, num_ctx: int | None = None) -> Plan:
+        return self.call(api.ROUTE, model=model, intent=intent, num_ctx=num_ctx)
+
+    def affinity(self) -> dict[str, Affinity]:
+        """Where each model last ran, by model (the tie-breaker among equal backends)."""
+        return self.call(api.AFFINITY)
+
+    def reset_affinity(self, model: str | None = None) -> list[str]:
+        """Forget MODEL's affinity (every model's when None); the models forgotten.
+        HarborError (404) when MODEL had none."""
+        if model is None:
+            return self.call(api.RESET_AFFINITY).reset
+        return self.call(api.RESET_MODEL_AFFINITY, model=model).reset
 
     def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(self.route(model, intent))
@@ -285,8 +297,18 @@ class AsyncHarborClient(_Base):
     async def models(self) -> Inventory:
         return await self.call(api.MODELS)
 
-    async def route(self, model: str, intent: Intent | None = None) -> Plan:
-        return await self.call(api.ROUTE, model=model, intent=intent)
+    async def route(
+        self, model: str, intent: Intent | None = None, num_ctx: int | None = None
+    ) -> Plan:
+        return await self.call(api.ROUTE, model=model, intent=intent, num_ctx=num_ctx)
+
+    async def affinity(self) -> dict[str, Affinity]:
+        return await self.call(api.AFFINITY)
+
+    async def reset_affinity(self, model: str | None = None) -> list[str]:
+        if model is None:
+            return (await self.call(api.RESET_AFFINITY)).reset
+        return (await self.call(api.RESET_MODEL_AFFINITY, model=model)).reset
 
     async def which_backend(self, model: str, intent: Intent | None = None) -> str | None:
         return _first(await self.route(model, intent))

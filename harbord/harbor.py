@@ -19,6 +19,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from harbord import __version__, policy
+from harbord.affinity import (
+    affinities_to_drop,
+    affinity_after_serve,
+    affinity_expired,
+    expired_affinities,
+    should_learn_affinity,
+)
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
@@ -27,6 +34,7 @@ from harbord.schemas import (
     Affinity,
     BackendStatus,
     CheckEntry,
+    ModelFacts,
     Pin,
     Plan,
     Status,
@@ -35,6 +43,9 @@ from harbord.state import StateStore
 from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
+
+_NO_FACTS: dict[str, ModelFacts] = {}
+
 
 class Harbor:
     def __init__(self, config: Config) -> None:
@@ -105,6 +116,9 @@ class Harbor:
 
     def _backend_changed(self, backend: Backend) -> None:
         self._views = [b.view for b in self.backends.values()]
+        if backend.came_up:
+            backend.came_up = False
+            self.drop_affinity_away_from(backend.name)
         self.status_changed()
 
     async def apply_config(self, config: Config) -> None:
@@ -124,15 +138,28 @@ class Harbor:
     # -- routing --------------------------------------------------------------
 
     def plan(self, request: policy.RouteRequest) -> Plan:
-        return policy.plan(
+        routing = self.config.routing
+        prober = self._prober
+        facts = prober.model_facts.facts if prober is not None else _NO_FACTS
+        plan = policy.plan(
             request,
-            self._views,
+            [b.view for b in self.backends.values()],  # brings each view's load up to date
             self.state.pins,
             self.state.affinity,
             self.config.models,
-            self.config.routing.default_intent,
+            routing.default_intent,
             time.time(),
+            model_facts=facts,
+            affinity_ttl=routing.affinity_ttl,
+            cpu_slowdown=routing.cpu_slowdown,
         )
+        model = plan.model
+        if prober is not None and model is not None and model not in facts:
+            # Never waited for: this plan goes without; a later one has the facts. Asked
+            # of the backend the plan goes to first, which is about to load the model.
+            backends = self.backends
+            prober.model_facts.want(model, [backends[name] for name in plan.backends])
+        return plan
 
     # -- pins and affinity ------------------------------------------------------
 
@@ -167,16 +194,63 @@ class Harbor:
             self.schedule_save()
         return removed is not None
 
-    def learn_affinity(self, model: str, backend: str) -> None:
+    def learn_affinity(self, plan: Plan, served_backend: str, forced: bool = False) -> bool:
+        """An answer for plan.model was served by `served_backend`: remember it, unless
+        the plan did not choose it on its own (affinity.should_learn_affinity). True
+        when learned. The relay calls this once per answer served."""
+        model = plan.model
+        if model is None or not should_learn_affinity(plan, served_backend, forced):
+            return False
+        now = time.time()
         current = self.state.affinity.get(model)
-        if current is None or current.backend != backend:
-            self.state.affinity[model] = Affinity(backend=backend, since=time.time())
+        self.state.affinity[model] = affinity_after_serve(current, served_backend, now)
+        if current is None or current.backend != served_backend:
+            log.info("affinity: %s stays on %s", model, served_backend)
+            self.schedule_save()
+        elif self.state.affinity_save_due(now):
+            self.schedule_save()  # last_served, a few times an affinity_ttl at most
+        return True
+
+    def active_affinity(self, now: float | None = None) -> dict[str, Affinity]:
+        """The affinities the policy still uses (not expired), by model."""
+        when = time.time() if now is None else now
+        ttl = self.config.routing.affinity_ttl
+        return {m: a for m, a in self.state.affinity.items() if not affinity_expired(a, when, ttl)}
+
+    def reset_affinity(self, model: str | None = None) -> list[str]:
+        """Forget the affinity of `model` (all when None); the models forgotten."""
+        affinity = self.state.affinity
+        models = list(affinity) if model is None else [policy.normalize_model(model)]
+        cleared = [m for m in models if affinity.pop(m, None) is not None]
+        if cleared:
+            log.info("affinity reset: %s", ", ".join(cleared))
+            self.schedule_save()
+        return cleared
+
+    def drop_affinity_away_from(self, came_up: str) -> None:
+        """`came_up` is healthy again: forget the affinities that kept models off it."""
+        views = [b.view for b in self.backends.values()]
+        gone = affinities_to_drop(self.state.affinity, views, came_up)
+        for model in gone:
+            log.info("affinity of %s to %s dropped: %s is up", model,
+                     self.state.affinity.pop(model).backend, came_up)  # fmt: skip
+        if gone:
+            self.schedule_save()
+
+    def expire_affinity(self) -> None:
+        now = time.time()
+        gone = expired_affinities(self.state.affinity, now, self.config.routing.affinity_ttl)
+        for model in gone:
+            del self.state.affinity[model]
+        if gone:
+            log.info("affinity expired: %s", ", ".join(gone))
             self.schedule_save()
 
     def expire_pins(self) -> None:
         for model in self.state.expire(time.time()):
             log.info("pin of %s expired", model)
             self.schedule_save()
+        self.expire_affinity()  # the same housekeeping round
 
     def schedule_save(self) -> None:
         """Save soon, off the event loop; changes during a save cause one more."""
@@ -205,7 +279,7 @@ class Harbor:
             socket=str(self.config.socket),
             backends=[self._backend_status(b) for b in self.backends.values()],
             pins={m: p for m, p in self.state.pins.items() if p.active(now)},
-            affinity=dict(self.state.affinity),
+            affinity=self.active_affinity(now),
             counters=self.ledger.counters,
             in_flight=self.ledger.in_flight,
             state_note=self.state.note,

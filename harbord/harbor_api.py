@@ -23,6 +23,7 @@ from harbord.harbor import HARBOR, Harbor
 from harbord.policy import PolicyError, RouteRequest, normalize_model
 from harbord.schemas import (
     UNDECODABLE,
+    Affinity,
     CheckEntry,
     Decision,
     Inventory,
@@ -32,6 +33,8 @@ from harbord.schemas import (
     Status,
 )
 
+# The largest num_ctx `route` takes: well past any model's trained context.
+MAX_CONTEXT = 1 << 24
 B = TypeVar("B")
 A = TypeVar("A")
 
@@ -146,10 +149,36 @@ async def route(call: Call[None]) -> Plan:
     model = call.query.get("model")
     if not model or not MODEL_RE.match(model):
         raise Problem(400, "query parameter 'model' is required (a model name)")
+    num_ctx: int | None = None
+    if "num_ctx" in call.query:
+        text = call.query["num_ctx"]
+        if not text.isdigit() or not 0 < int(text) <= MAX_CONTEXT:
+            raise Problem(400, f"num_ctx must be a number of tokens, 1 to {MAX_CONTEXT}")
+        num_ctx = int(text)
+    request = RouteRequest(model=model, intent_header=call.query.get("intent"), num_ctx=num_ctx)
     try:
-        return call.harbor.plan(RouteRequest(model=model, intent_header=call.query.get("intent")))
+        return call.harbor.plan(request)
     except PolicyError as err:
         raise Problem(400, str(err)) from None
+
+
+@handles(api.AFFINITY)
+async def affinity(call: Call[None]) -> dict[str, Affinity]:
+    return call.harbor.active_affinity()
+
+
+@handles(api.RESET_AFFINITY)
+async def reset_affinity(call: Call[None]) -> api.AffinityReset:
+    return api.AffinityReset(call.harbor.reset_affinity())
+
+
+@handles(api.RESET_MODEL_AFFINITY)
+async def reset_model_affinity(call: Call[None]) -> api.AffinityReset:
+    model = _model(call)
+    reset = call.harbor.reset_affinity(model)
+    if not reset:
+        raise Problem(404, f"{model} has no affinity")
+    return api.AffinityReset(reset)
 
 
 @handles(api.DECISIONS)

@@ -23,7 +23,16 @@ from urllib.parse import quote
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from harbord.schemas import CheckEntry, Decision, Inventory, Pin, PinRequest, Plan, Status
+from harbord.schemas import (
+    Affinity,
+    CheckEntry,
+    Decision,
+    Inventory,
+    Pin,
+    PinRequest,
+    Plan,
+    Status,
+)
 
 Body = TypeVar("Body")
 Answer = TypeVar("Answer")
@@ -37,6 +46,10 @@ _PATH_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
 
 class Unpinned(msgspec.Struct):
     unpinned: str  # the model name, normalised
+
+
+class AffinityReset(msgspec.Struct):
+    reset: list[str]  # the models whose affinity was forgotten, normalised
 
 
 class Restarted(msgspec.Struct):
@@ -136,9 +149,19 @@ PIN: Endpoint[PinRequest, dict[str, Pin]] = Endpoint(
     "pin", "PUT", "/harbor/pins/{model:.+}", dict[str, Pin], body=PinRequest
 )
 UNPIN: Endpoint[None, Unpinned] = Endpoint("unpin", "DELETE", "/harbor/pins/{model:.+}", Unpinned)
-# The dry-run routing decision for a request with this model and intent.
+# The dry-run routing decision for a request with this model, intent and options.num_ctx.
 ROUTE: Endpoint[None, Plan] = Endpoint(
-    "route", "GET", "/harbor/route", Plan, query=("model", "intent")
+    "route", "GET", "/harbor/route", Plan, query=("model", "intent", "num_ctx")
+)
+# Where each model last ran (affinity), by model; expired entries left out.
+AFFINITY: Endpoint[None, dict[str, Affinity]] = Endpoint(
+    "affinity", "GET", "/harbor/affinity", dict[str, Affinity]
+)
+RESET_AFFINITY: Endpoint[None, AffinityReset] = Endpoint(
+    "reset affinity", "DELETE", "/harbor/affinity", AffinityReset
+)
+RESET_MODEL_AFFINITY: Endpoint[None, AffinityReset] = Endpoint(
+    "reset model affinity", "DELETE", "/harbor/affinity/{model:.+}", AffinityReset
 )
 # The recent routing decisions, newest first; limit defaults to 20.
 DECISIONS: Endpoint[None, list[Decision]] = Endpoint(
@@ -158,6 +181,9 @@ ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     PIN,
     UNPIN,
     ROUTE,
+    AFFINITY,
+    RESET_AFFINITY,
+    RESET_MODEL_AFFINITY,
     DECISIONS,
     DECISION,
     RESTART,

@@ -60,6 +60,8 @@ class Metrics:
         self.fallbacks: collections.Counter[tuple[str, str]] = collections.Counter()
         self.errors: collections.Counter[tuple[str, str]] = collections.Counter()
         self.pins_set: collections.Counter[str] = collections.Counter()
+        # The placement rule that decided each plan (Plan.rule) -> count.
+        self.rules: collections.Counter[str] = collections.Counter()
         self.ttfb: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
         self.duration: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
 
@@ -71,6 +73,9 @@ class Metrics:
             else ("client_error" if 400 <= status < 500 else "failed")
         )
         self.requests[(decision.served_by or "none", decision.intent or "none", outcome)] += 1
+        plan = decision.plan
+        if plan is not None:  # None: refused before a plan was made
+            self.rules[plan.rule] += 1
         attempts = decision.attempts
         for index, attempt in enumerate(attempts):
             if attempt.outcome == "failed":
@@ -113,6 +118,15 @@ class HarborCollector(Collector):
             for pair, count in sorted(counter.items()):
                 family.add_metric(list(pair), count)
             yield family
+
+        rules = CounterMetricFamily(
+            "harbor_decisions",
+            "Routing decisions by the placement rule that decided them",
+            labels=["rule"],
+        )
+        for rule, count in sorted(metrics.rules.items()):
+            rules.add_metric([rule], count)
+        yield rules
 
         pins_set = CounterMetricFamily("harbor_pins_set", "Pins set, by source", labels=["source"])
         for pin_source, count in sorted(metrics.pins_set.items()):

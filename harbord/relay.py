@@ -66,6 +66,8 @@ _DROP_RESPONSE = frozenset(
 )
 
 Body = bytes | AsyncIterable[bytes]
+# Routed paths whose answer neither loads the model nor says how long a generation takes.
+_NOT_A_LOAD = frozenset(("/api/show", "/v1/messages/count_tokens"))
 
 
 def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -136,11 +138,12 @@ class Relay:
         config = backend.config
         if backend.hung:  # the prober already knows: don't wait for it to say so again
             return fail.hung(backend.name)
-        if not await backend.limiter.acquire():
+        if not await backend.limiter.acquire(decision.intent or "fast"):
             return Failure(
                 "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
             )
         backend.in_flight += 1
+        sent_at = time.monotonic()  # service time starts here, after harbord's own queue
         upstream: Exchange | None = None
         # The prober fires this deadline early when the backend hangs (Backend.mark_hung).
         wait = config.first_byte_timeout if decision.stream else config.answer_timeout
@@ -182,12 +185,15 @@ class Relay:
             served = self._served(backend, decision)
             if not streaming:
                 served.ms = round((time.monotonic() - started) * 1000, 3)
+                self._learn_service(backend, decision, sent_at)
                 return web.Response(status=upstream.status, body=first, headers=response_headers)
             response, broke = await relay_stream(
                 request, upstream, first, response_headers, backend.name, config.idle_timeout
             )
             served.ms = round((time.monotonic() - started) * 1000, 3)
-            if broke is not None:
+            if broke is None:
+                self._learn_service(backend, decision, sent_at)
+            else:
                 error_class, text = broke
                 decision.attempts.append(
                     Attempt(backend.name, "failed", error_class, text, after_first_byte=True)
@@ -225,11 +231,20 @@ class Relay:
         decision.served_by = backend.name
         decision.first_byte_ms = round((time.time() - decision.time) * 1000, 3)
         backend.record_success()
-        plan = decision.plan
-        fast = decision.intent == "fast"
-        if plan is not None and plan.model is not None and fast and not plan.forced:
-            self.harbor.learn_affinity(plan.model, backend.name)
+        if decision.plan is not None:
+            self.harbor.learn_affinity(decision.plan, backend.name)
         return attempt
+
+    def _learn_service(self, backend: Backend, decision: Decision, sent_at: float) -> None:
+        """What a served answer teaches placement: how long this model takes here, and
+        (when it was not loaded before) how it fits, read from /api/ps at once."""
+        plan = decision.plan
+        model = plan.model if plan is not None else None
+        if model is None or decision.path in _NOT_A_LOAD:
+            return
+        backend.record_service(model, (time.monotonic() - sent_at) * 1000)
+        if not backend.is_loaded(model):
+            self.harbor.prober.after_load(backend)
 
     def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:
         """What a failure teaches us: pins, health."""

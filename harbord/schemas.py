@@ -147,6 +147,7 @@ class LoadedModel(msgspec.Struct):
     size: int = 0
     size_vram: int = 0
     expires_at: str | None = None
+    context_length: int = 0
 
 
 class UnitStatus(msgspec.Struct, omit_defaults=True):
@@ -189,6 +190,9 @@ class BackendStatus(msgspec.Struct):
     parallel: int = 1
     spilled_contexts: dict[str, int] = {}
     service_ms: dict[str, float] = {}
+    # GPU backends: the memory sources looked at and not found, when none was.
+    memory_note: str | None = None
+    default_context: int | None = None
 
 
 class Counters(msgspec.Struct):
@@ -252,6 +256,7 @@ class PsModel(msgspec.Struct):
     size: int = 0
     size_vram: int = 0
     expires_at: str | None = None
+    context_length: int = 0  # the context it was loaded with (0: an Ollama that does not say)
 
 
 class Ps(msgspec.Struct):

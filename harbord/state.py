@@ -26,6 +26,8 @@ from harbord.schemas import UNDECODABLE, Affinity, Pin, StateFile
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+# How often a served model's `last_served` alone is saved (affinity expires after it).
+AFFINITY_SAVE_EVERY = 60.0
 _TMP_PREFIX, _TMP_SUFFIX = ".state-", ".tmp"
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StateFile)
@@ -38,6 +40,7 @@ class StateStore:
         self.pins: dict[str, Pin] = {}
         self.affinity: dict[str, Affinity] = {}
         self.note: str | None = None
+        self._affinity_saved_at = 0.0
 
     def load(self) -> None:
         self._read()
@@ -119,6 +122,14 @@ class StateStore:
         return True
 
     # -- changes ------------------------------------------------------------
+
+    def affinity_save_due(self, now: float) -> bool:
+        """Whether an affinity's new `last_served` is worth a write: at most once per
+        AFFINITY_SAVE_EVERY, not once per answer (a restart loses that much of it)."""
+        if now - self._affinity_saved_at < AFFINITY_SAVE_EVERY:
+            return False
+        self._affinity_saved_at = now
+        return True
 
     def expire(self, now: float) -> list[str]:
         """Drop expired pins; returns the models that were unpinned."""

@@ -25,9 +25,11 @@ from harbord.ctl.main import main
 from harbord.schemas import (
     Affinity,
     Attempt,
+    BackendEstimate,
     BackendStatus,
     Counters,
     Decision,
+    MemoryBudget,
     Pin,
     Plan,
     PlanStep,
@@ -939,3 +941,115 @@ def test_setup_adds_and_removes_the_reload_drop_in_for_a_packaged_unit(
     monkeypatch.setattr(unit_files, "systemd_version", lambda: 256)
     assert setup_units.run_setup(["--dry-run", "--no-backends"], env=env) == 0
     assert f"would: remove {drop_in}" in capsys.readouterr().out
+
+
+# --- placement (issue 11): route's numbers, affinity, memory budget in status ------------
+
+
+GIB = 1024**3
+
+
+def test_route_num_ctx_shows_the_rule_and_each_backends_numbers(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = Plan(
+        model="llama3.1:8b",
+        intent="fast",
+        intent_source="default",
+        steps=[
+            PlanStep("cpu", ["fast intent prefers gpu"]),
+            PlanStep("gpu", ["needs 13.9 GB at 64k context, gpu has 8 GiB (journal)"]),
+        ],
+        rule="memory",
+        num_ctx=65536,
+        estimates=[
+            BackendEstimate("cpu", 65536, 13_900_000_000, parallel=2),
+            BackendEstimate(
+                "gpu", 65536, 13_900_000_000, 8 * GIB, "journal", 1, 1, 2, 800.0, 2400.0
+            ),
+        ],
+    )
+    route = daemon.get("/harbor/route").respond(200, content=encode(plan))
+    code, out, _ = run(capsys, "route", "llama3.1:8b", "--num-ctx", "65536")
+    assert code == 0
+    assert "llama3.1:8b: intent fast (from default), context 64k; decided by memory" in out
+    rows = {
+        line.split()[0]: line.split() for line in out.splitlines() if line[2:5] in ("cpu", "gpu")
+    }
+    assert rows["cpu"] == ["cpu", "64k", "13.9", "GB", "-", "0", "of", "2", "0", "-", "-"]
+    assert rows["gpu"] == [
+        "gpu", "64k", "13.9", "GB", "8", "GiB", "(journal)", "1", "of", "1", "2", "800", "ms",
+        "2400", "ms",
+    ]  # fmt: skip
+    assert route.calls.last.request.url.params["num_ctx"] == "65536"
+
+
+@pytest.mark.parametrize(
+    "argv", [["route", "m", "--num-ctx", "0"], ["route", "m", "--num-ctx", "x"]]
+)
+def test_route_num_ctx_must_be_a_positive_number(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 64
+    assert "expected a number of tokens >= 1" in err
+
+
+def test_affinity_lists_and_resets(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = time.time()
+    listed = {"llama3:8b": Affinity("gpu", now - 600, now - 30)}
+    daemon.get("/harbor/affinity").respond(200, content=encode(listed))
+    code, out, _ = run(capsys, "affinity")
+    assert code == 0
+    assert out.split("\n")[1].split() == ["llama3:8b", "gpu", "10m", "ago", "30s", "ago"]
+
+    daemon.delete("/harbor/affinity").respond(200, json={"reset": ["llama3:8b", "qwen3:32b"]})
+    assert run(capsys, "affinity", "reset")[:2] == (0, "affinity reset: llama3:8b, qwen3:32b\n")
+    one = daemon.delete("/harbor/affinity/hf.co%2Fo%2Fm%3A1").respond(
+        200, json={"reset": ["hf.co/o/m:1"]}
+    )
+    assert run(capsys, "affinity", "reset", "hf.co/o/m:1")[:2] == (
+        0,
+        "affinity reset: hf.co/o/m:1\n",
+    )
+    assert one.called
+
+
+def test_affinity_empty_unknown_model_and_misuse(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.get("/harbor/affinity").respond(200, json={})
+    assert run(capsys, "affinity", "list")[:2] == (0, "no affinity\n")
+    daemon.delete("/harbor/affinity/m%3A1").respond(404, json={"error": "m:1 has no affinity"})
+    assert run(capsys, "affinity", "reset", "m:1") == (1, "", "harborctl: m:1 has no affinity\n")
+    code, _, err = run(capsys, "affinity", "m:1")  # a model without reset
+    assert code == 64
+    assert "invalid choice" in err or "MODEL goes with reset" in err
+
+
+def test_status_shows_each_gpus_memory_budget_and_its_source(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = time.time()
+    value = status(
+        backend(
+            "gpu",
+            memory_budget=MemoryBudget(11 * GIB + GIB // 5, "journal", "NVIDIA GeForce RTX 4070"),
+            spilled_contexts={"qwen3:14b": 32768},
+            default_context=4096,
+        ),
+        backend("gpu2", kind="gpu", memory_note="journal: journalctl not found; sysfs: none"),
+        backend("cpu", parallel=2),
+        affinity={"llama3:8b": Affinity("gpu", now - 60, now - 30)},
+    )
+    daemon.get("/harbor/status").respond(200, content=encode(value))
+    code, out, _ = run(capsys, "status")
+    assert code == 0
+    assert "gpu memory budget 11.2 GiB (from journal: NVIDIA GeForce RTX 4070)" in out
+    assert "gpu2 memory budget unknown (journal: journalctl not found; sysfs: none)" in out
+    assert "gpu spilled qwen3:14b at 32k context" in out
+    assert "gpu serves 1 at once, default context 4k" in out
+    assert "cpu serves 2 at once" in out
+    assert "llama3:8b → gpu (since 1m ago, last served 30s ago)" in out

@@ -178,7 +178,9 @@ def body(model: str, stream: bool = True, marker: str = "hi") -> dict[str, Any]:
 
 
 def records(fake: FakeOllama, model: str) -> list[dict[str, Any]]:
-    return [r for r in fake.requests() if r["model"] in (model, f"{model}:latest")]
+    """The model's requests, without the /api/show harbord sends for its shape."""
+    names = (model, f"{model}:latest")
+    return [r for r in fake.requests() if r["model"] in names and r["path"] != "/api/show"]
 
 
 class Streamed:

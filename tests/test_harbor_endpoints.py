@@ -22,6 +22,7 @@ from harbord.client import AsyncHarborClient, HarborClient, HarborError
 from harbord.harbor import HARBOR, Harbor
 from harbord.harbor_endpoints import Endpoint
 from harbord.schemas import (
+    Affinity,
     CheckEntry,
     Counters,
     Decision,
@@ -42,6 +43,7 @@ STATUS = Status(
     affinity={}, counters=Counters(), in_flight=0,
 )  # fmt: skip
 PIN = Pin(backend="cpu", reason="r", since=1.0)
+AFFINITY = Affinity(backend="gpu", since=1.0, last_served=2.0)
 
 # Each endpoint: the client method that calls it, its arguments, the parameters that
 # method must send, and an answer of the endpoint's type.
@@ -53,7 +55,20 @@ CLIENT_CALLS: dict[Endpoint[Any, Any], tuple[str, tuple[Any, ...], dict[str, Any
     api.PINS: ("pins", (), {}, {"m:1": PIN}),
     api.PIN: ("pin", ("hf.co/o/m:1", "cpu"), {"model": "hf.co/o/m:1"}, {"hf.co/o/m:1": PIN}),
     api.UNPIN: ("unpin", ("m:1",), {"model": "m:1"}, api.Unpinned("m:1")),
-    api.ROUTE: ("route", ("m:1", "heavy"), {"model": "m:1", "intent": "heavy"}, PLAN),
+    api.ROUTE: (
+        "route",
+        ("m:1", "heavy", 65536),
+        {"model": "m:1", "intent": "heavy", "num_ctx": 65536},
+        PLAN,
+    ),
+    api.AFFINITY: ("affinity", (), {}, {"m:1": AFFINITY}),
+    api.RESET_AFFINITY: ("reset_affinity", (), {}, api.AffinityReset(["m:1", "n:2"])),
+    api.RESET_MODEL_AFFINITY: (
+        "reset_affinity",
+        ("hf.co/o/m:1",),
+        {"model": "hf.co/o/m:1"},
+        api.AffinityReset(["hf.co/o/m:1"]),
+    ),
     api.DECISIONS: ("decisions", (5,), {"limit": 5}, [DECISION]),
     api.DECISION: ("decision", ("ab/1",), {"id": "ab/1"}, DECISION),
     api.RESTART: ("restart", ("gpu",), {"name": "gpu"}, api.Restarted("gpu", True, "done")),
@@ -93,6 +108,10 @@ def test_every_entry_has_a_client_method_and_both_clients_have_the_same_ones() -
 def test_target_fills_and_quotes_path_parameters_and_drops_unset_query() -> None:
     assert api.PIN.target({"model": "hf.co/o/m:Q4"}) == ("/harbor/pins/hf.co%2Fo%2Fm%3AQ4", {})
     assert api.ROUTE.target({"model": "m", "intent": None}) == ("/harbor/route", {"model": "m"})
+    assert api.ROUTE.target({"model": "m", "num_ctx": 8192}) == (
+        "/harbor/route", {"model": "m", "num_ctx": "8192"},
+    )  # fmt: skip
+    assert api.RESET_MODEL_AFFINITY.template == "/harbor/affinity/{model}"
     assert api.DECISIONS.target({"limit": 3}) == ("/harbor/decisions", {"limit": "3"})
     assert api.PIN.template == "/harbor/pins/{model}"
     assert api.RESTART.path_params == ("name",)
@@ -157,8 +176,21 @@ class FakeHarbor(SimpleNamespace):
             pins={},
             registry=registry,
             restart_backend=None,
+            affinity={"m:1": AFFINITY, "n:2": AFFINITY},
+            planned=[],
         )
         self.state = SimpleNamespace(pins=self.pins)
+
+    def active_affinity(self) -> dict[str, Affinity]:
+        return dict(self.affinity)
+
+    def reset_affinity(self, model: str | None = None) -> list[str]:
+        models = list(self.affinity) if model is None else [model]
+        return [m for m in models if self.affinity.pop(m, None) is not None]
+
+    def plan(self, request: Any) -> Plan:
+        self.planned.append(request)
+        return PLAN
 
     def pin(self, model: str, backend: str, reason: str, for_seconds: float | None,
             source: str) -> Pin:  # fmt: skip
@@ -197,6 +229,35 @@ async def test_client_and_handlers_agree_through_the_table(served: AsyncHarborCl
     assert msgspec.json.decode(reply.raw) == msgspec.to_builtins(reply.value)
 
 
+async def test_affinity_is_listed_and_reset_through_the_table(served: AsyncHarborClient) -> None:
+    assert await served.affinity() == {"m:1": AFFINITY, "n:2": AFFINITY}
+    assert await served.reset_affinity("m:1") == ["m:1"]
+    assert list(await served.affinity()) == ["n:2"]
+    assert await served.reset_affinity() == ["n:2"]
+    assert await served.affinity() == {}
+    assert await served.reset_affinity() == []  # nothing to forget is no error
+
+
+async def test_route_passes_num_ctx_to_the_plan(tmp_path: Path) -> None:
+    harbor = FakeHarbor()
+    app = web.Application()
+    app[HARBOR] = cast(Harbor, harbor)
+    harbor_api.add_routes(app.router)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(tmp_path / "h.sock")).start()
+    try:
+        async with AsyncHarborClient(tmp_path / "h.sock", timeout=10) as client:
+            assert await client.route("m:1", "heavy", num_ctx=65536) == PLAN
+            await client.route("m:1")
+    finally:
+        await runner.cleanup()
+    assert [(r.model, r.intent_header, r.num_ctx) for r in harbor.planned] == [
+        ("m:1", "heavy", 65536),
+        ("m:1", None, None),
+    ]
+
+
 @pytest.mark.parametrize(
     ("endpoint", "body", "params", "status", "message"),
     [
@@ -208,6 +269,10 @@ async def test_client_and_handlers_agree_through_the_table(served: AsyncHarborCl
         (api.DECISION, None, {"id": "zz"}, 404, "no recent request with id 'zz'"),
         (api.RESTART, None, {"name": "gpu"}, 501, "need systemd supervision"),
         (api.RESTART, None, {"name": "tpu"}, 404, "no backend named 'tpu'"),
+        (api.RESET_MODEL_AFFINITY, None, {"model": "x:1"}, 404, "x:1 has no affinity"),
+        (api.RESET_MODEL_AFFINITY, None, {"model": "$(id)"}, 400, "invalid model name"),
+        (api.ROUTE, None, {"model": "m:1", "num_ctx": "lots"}, 400, "num_ctx must be"),
+        (api.ROUTE, None, {"model": "m:1", "num_ctx": "0"}, 400, "num_ctx must be"),
     ],
 )
 async def test_refusals_keep_their_status_and_text(

@@ -91,8 +91,12 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def chat_requests(gpu: FakeOllama, cpu: FakeOllama) -> list[dict[str, Any]]:
+    """Requests relayed to the fakes, without the /api/show harbord sends for a model's shape."""
     return [
-        r for fake in (gpu, cpu) for r in fake.requests() if r["path"].startswith(("/api/", "/v1/"))
+        r
+        for fake in (gpu, cpu)
+        for r in fake.requests()
+        if r["path"].startswith(("/api/", "/v1/")) and r["path"] != "/api/show"
     ]
 
 

@@ -17,6 +17,7 @@ from harbord.client import HarborError, HarborUnavailable
 from harbord.config import default_socket
 from harbord.ctl import EX_FAILED, EX_UNREACHABLE, EX_USAGE, completion, output
 from harbord.ctl.commands import (
+    affinity,
     chat,
     check,
     explain,
@@ -53,6 +54,7 @@ COMMANDS: dict[str, Command] = {
     "pins": pins,
     "pin": pin,
     "unpin": unpin,
+    "affinity": affinity,
     "restart": restart,
     "explain": explain,
     "top": top,

@@ -7,7 +7,8 @@ import argparse
 from harbord import harbor_endpoints as api
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
-from harbord.schemas import INTENTS, Plan
+from harbord.memory import format_context, format_gb, format_gib
+from harbord.schemas import INTENTS, BackendEstimate, Plan
 
 HELP = "show which backends a request for MODEL would go to, and why"
 TIMEOUT = 30.0
@@ -16,10 +17,21 @@ TIMEOUT = 30.0
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("--intent", choices=INTENTS, help="as the X-Harbor-Intent header would")
+    parser.add_argument(
+        "--num-ctx", type=_tokens, metavar="N", help="the context, as options.num_ctx would"
+    )
+
+
+def _tokens(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 1, got {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace, daemon: Daemon) -> int:
-    answer = daemon.client.fetch(api.ROUTE, model=args.model, intent=args.intent)
+    answer = daemon.client.fetch(
+        api.ROUTE, model=args.model, intent=args.intent, num_ctx=args.num_ctx
+    )
     if args.json:
         output.raw_json(answer.raw)
     else:
@@ -29,9 +41,10 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
 
 def render(plan: Plan, indent: str = "") -> str:
     """The plan's steps and left-out backends; shared with `explain`."""
+    context = f", context {format_context(plan.num_ctx)}" if plan.num_ctx else ""
     lines = [
-        f"{indent}{plan.model or '-'}: intent {plan.intent} (from {plan.intent_source})"
-        + (", backend forced by the request" if plan.forced else "")
+        f"{indent}{plan.model or '-'}: intent {plan.intent} (from {plan.intent_source}){context}"
+        + (", backend forced by the request" if plan.forced else f"; decided by {plan.rule}")
     ]
     for i, step in enumerate(plan.steps, 1):
         lines.append(
@@ -42,4 +55,25 @@ def render(plan: Plan, indent: str = "") -> str:
     for step in plan.excluded:
         lines.append(f"{indent}  left out {step.backend}: {'; '.join(step.reasons)}")
     lines += [f"{indent}  note: {note}" for note in plan.notes]
+    if plan.estimates:
+        header = ("BACKEND", "CONTEXT", "NEEDS", "BUDGET", "RUNNING", "QUEUED", "TAKES", "DONE IN")
+        rows = [_estimate(e) for e in plan.estimates]
+        lines.append(output.table(header, rows, indent=f"{indent}  "))
     return "\n".join(lines)
+
+
+def _estimate(e: BackendEstimate) -> tuple[str, ...]:
+    """One backend's numbers: the memory estimate against its budget, and its load."""
+    budget = "-"
+    if e.budget is not None:
+        budget = format_gib(e.budget) + (f" ({e.budget_source})" if e.budget_source else "")
+    return (
+        e.backend,
+        format_context(e.num_ctx),
+        format_gb(e.needs) if e.needs is not None else "-",
+        budget,
+        f"{e.in_flight} of {e.parallel}",
+        str(e.queued),
+        output.millis(e.service_ms),
+        output.millis(e.expected_finish_ms),
+    )

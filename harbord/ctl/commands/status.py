@@ -9,6 +9,7 @@ from harbord import harbor_endpoints as api
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
 from harbord.ctl.output import paint
+from harbord.memory import format_context, format_gib
 from harbord.schemas import BackendStatus, Status, UnitStatus
 
 HELP = "show harbord's backends, units, counters and pins"
@@ -47,10 +48,9 @@ def render(status: Status, now: float) -> str:
             lines.append(f"  {model} → {pin.backend}  {pin.reason} ({pin.source}, {expires})")
     if status.affinity:
         lines += ["", paint("affinity", "bold")]
-        lines += [
-            f"  {model} → {a.backend} (since {output.ago(a.since, now)})"
-            for model, a in status.affinity.items()
-        ]
+        for model, a in status.affinity.items():
+            last = f", last served {output.ago(a.last_served, now)}" if a.last_served else ""
+            lines.append(f"  {model} → {a.backend} (since {output.ago(a.since, now)}{last})")
     if status.state_note:
         lines += ["", paint(f"note: {status.state_note}", "yellow")]
     return "\n".join(lines)
@@ -115,9 +115,30 @@ def _details(backends: list[BackendStatus], now: float) -> list[str]:
             lines.append(
                 f"  {b.name} has {loaded.name} loaded ({output.size(loaded.size)}{on_gpu})"
             )
+        lines += _placement(b)
         for warning in b.memory_pressure:
             lines.append(paint(f"  {b.name} memory pressure: {warning}", "yellow"))
     return ["", *lines] if lines else []
+
+
+def _placement(b: BackendStatus) -> list[str]:
+    """A GPU's memory budget and where the figure came from; spills learned; parallel."""
+    lines: list[str] = []
+    if b.kind == "gpu":
+        budget = b.memory_budget
+        if budget is not None:
+            source = budget.source + (f": {budget.detail}" if budget.detail else "")
+            lines.append(f"  {b.name} memory budget {format_gib(budget.bytes)} (from {source})")
+        else:
+            lines.append(f"  {b.name} memory budget unknown ({b.memory_note or 'not found'})")
+    context = f", default context {format_context(b.default_context)}" if b.default_context else ""
+    lines.append(f"  {b.name} serves {b.parallel} at once{context}")
+    for model, ctx in sorted(b.spilled_contexts.items()):
+        lines.append(
+            paint(f"  {b.name} spilled {model} at {format_context(ctx)} context: "
+                  "after the cpu backends at that context and more", "yellow")
+        )  # fmt: skip
+    return lines
 
 
 def _unit(unit: UnitStatus) -> str:

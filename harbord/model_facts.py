@@ -1,0 +1,123 @@
+"""The models' shapes for the KV-cache estimate: `/api/show`'s `model_info`, cached.
+
+A plan never waits for these: the first request for a model plans without its
+facts (memory.estimate then leaves the KV cache out) and asks for them here; a
+background task fetches them from a backend that lists the model, and every later
+plan has them. An entry is forgotten when the model's size in the inventory
+changes (pulled anew), and a failed fetch is retried after `retry_after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import aiohttp
+import msgspec
+
+from harbord.memory import parse_model_info
+from harbord.schemas import UNDECODABLE, ModelFacts
+
+if TYPE_CHECKING:
+    from harbord.backends import Backend
+
+log = logging.getLogger(__name__)
+
+SHOW_TIMEOUT = 10.0
+RETRY_AFTER = 60.0
+
+
+class Show(msgspec.Struct):
+    """The part of `/api/show`'s answer read here."""
+
+    model_info: dict[str, object] | None = None
+
+
+_show = msgspec.json.Decoder(Show)
+
+
+class ModelFactsCache:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float = SHOW_TIMEOUT,
+        retry_after: float = RETRY_AFTER,
+    ) -> None:
+        self.session = session
+        self.timeout = timeout
+        self.retry_after = retry_after
+        # What policy.plan reads (model_facts=): only models whose shape is known.
+        self.facts: dict[str, ModelFacts] = {}
+        # Model -> its size when fetched, facts or not (a model without the shape
+        # keys is not asked again until its size changes).
+        self._sizes: dict[str, int] = {}
+        self._failed: dict[str, float] = {}  # model -> monotonic time of the failure
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def want(self, model: str, backends: Iterable[Backend]) -> asyncio.Task[None] | None:
+        """Fetch the model's facts in the background unless known or on their way.
+
+        The fetch task (or None when nothing was started): callers need not await it.
+        """
+        if model in self._sizes or model in self._tasks:
+            return None
+        failed = self._failed.get(model)
+        if failed is not None and time.monotonic() - failed < self.retry_after:
+            return None
+        for backend in backends:
+            size = backend.models.get(model) if backend.models else None
+            if size is not None and backend.health in ("up", "degraded") and not backend.cooldown:
+                task = asyncio.get_running_loop().create_task(
+                    self._fetch(model, backend.config.url, size), name=f"show-{model}"
+                )
+                self._tasks[model] = task
+                task.add_done_callback(self._done)
+                return task
+        return None
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        for model, running in list(self._tasks.items()):
+            if running is task:
+                del self._tasks[model]
+
+    async def _fetch(self, model: str, url: str, size: int) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        try:
+            async with self.session.post(
+                f"{url}/api/show", json={"model": model}, timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"/api/show answered {resp.status}")
+            show = _show.decode(raw)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, *UNDECODABLE) as err:
+            self._failed[model] = time.monotonic()
+            log.info("facts of %s not fetched from %s: %s", model, url, err or type(err).__name__)
+            return
+        self._failed.pop(model, None)
+        self._sizes[model] = size
+        facts = parse_model_info(show.model_info or {})
+        if facts is None:
+            log.info("%s: /api/show gave no model shape; its KV cache is not estimated", model)
+            return
+        self.facts[model] = facts
+
+    def invalidate(self, models: Mapping[str, int]) -> None:
+        """Forget what was fetched for a model whose size in an inventory changed."""
+        for model, size in models.items():
+            known = self._sizes.get(model)
+            if known is not None and known != size:
+                del self._sizes[model]
+                self.facts.pop(model, None)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
