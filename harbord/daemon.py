@@ -245,7 +245,7 @@ class Daemon:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING)
-            self.harbor.expire_pins()
+            self.harbor.state.expire()
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: a stuck loop sends nothing and systemd steps in.

@@ -1,14 +1,14 @@
 """The daemon's shared context: configuration, backends, state and the ledger.
 
-Everything the request handlers and background loops share lives here, with
-the operations that change it (pins, affinity, reload). It owns the backend
+Everything the request handlers and background loops share lives here: the
+backends, the StateStore (pins and affinity, and every change to them), the
+ledger, and reload. It owns the backend
 connection pools (`upstreams`, the request path's only client) and the
 aiohttp session the prober and the supervisor use off the request path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -19,23 +19,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from harbord import __version__, policy
-from harbord.affinity import (
-    affinities_to_drop,
-    affinity_after_serve,
-    affinity_expired,
-    expired_affinities,
-    should_learn_affinity,
-)
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
 from harbord.ledger import Ledger
 from harbord.schemas import (
-    Affinity,
     BackendStatus,
     CheckEntry,
     ModelFacts,
-    Pin,
     Plan,
     Status,
 )
@@ -51,7 +42,7 @@ class Harbor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
-        self.state = StateStore(config.state_dir)
+        self.state = StateStore(config.state_dir, config.routing.affinity_ttl)
         self.ledger = Ledger()
         self.registry: CollectorRegistry | None = None  # made on the first scrape
         self.draining = False
@@ -62,8 +53,6 @@ class Harbor:
         # The relay's own keep-alive connections to the backends (the hot path).
         self.upstreams = Pools()
         self._prober: Prober | None = None
-        self._save_task: asyncio.Task[None] | None = None
-        self._save_again = False
         self.status_changed: Callable[[], None] = lambda: None
         # Set by the supervisor when systemd is there: (backend name) -> (ok, message).
         self.restart_backend: Callable[[str], Awaitable[tuple[bool, str]]] | None = None
@@ -95,8 +84,7 @@ class Harbor:
     async def close(self) -> None:
         if self._prober is not None:
             await self._prober.stop()
-        if self._save_task is not None:
-            await asyncio.shield(self._save_task)
+        await self.state.flush()
         self.upstreams.close()
         if self._session is not None:
             await self._session.close()
@@ -118,13 +106,14 @@ class Harbor:
         self._views = [b.view for b in self.backends.values()]
         if backend.came_up:
             backend.came_up = False
-            self.drop_affinity_away_from(backend.name)
+            self.state.drop_affinity_away_from(backend.name, self._views)
         self.status_changed()
 
     async def apply_config(self, config: Config) -> None:
         """Reload: keep what still exists, start probing what is new."""
         removed = [name for name in self.backends if name not in config.backends]
         self.config = config
+        self.state.affinity_ttl = config.routing.affinity_ttl
         self._build_backends(config)
         self.upstreams.keep({b.config.url for b in self.backends.values()})
         if self._prober is not None:
@@ -161,112 +150,6 @@ class Harbor:
             prober.model_facts.want(model, [backends[name] for name in plan.backends])
         return plan
 
-    # -- pins and affinity ------------------------------------------------------
-
-    def pin(
-        self, model: str, backend: str, reason: str, for_seconds: float | None, source: str
-    ) -> Pin:
-        now = time.time()
-        until = now + for_seconds if for_seconds else None
-        pin = Pin(
-            backend=backend,
-            reason=reason,
-            since=now,
-            until=until,
-            source="oom" if source == "oom" else "operator",
-        )
-        self.ledger.metrics.pins_set[pin.source] += 1
-        self.state.pins[policy.normalize_model(model)] = pin
-        log.info(
-            "pinned %s to %s: %s%s",
-            model,
-            backend,
-            reason,
-            f" (for {for_seconds:.0f}s)" if for_seconds else "",
-        )
-        self.schedule_save()
-        return pin
-
-    def unpin(self, model: str) -> bool:
-        removed = self.state.pins.pop(policy.normalize_model(model), None)
-        if removed is not None:
-            log.info("unpinned %s (was %s)", model, removed.backend)
-            self.schedule_save()
-        return removed is not None
-
-    def learn_affinity(self, plan: Plan, served_backend: str, forced: bool = False) -> bool:
-        """An answer for plan.model was served by `served_backend`: remember it, unless
-        the plan did not choose it on its own (affinity.should_learn_affinity). True
-        when learned. The relay calls this once per answer served."""
-        model = plan.model
-        if model is None or not should_learn_affinity(plan, served_backend, forced):
-            return False
-        now = time.time()
-        current = self.state.affinity.get(model)
-        self.state.affinity[model] = affinity_after_serve(current, served_backend, now)
-        if current is None or current.backend != served_backend:
-            log.info("affinity: %s stays on %s", model, served_backend)
-            self.schedule_save()
-        elif self.state.affinity_save_due(now):
-            self.schedule_save()  # last_served, a few times an affinity_ttl at most
-        return True
-
-    def active_affinity(self, now: float | None = None) -> dict[str, Affinity]:
-        """The affinities the policy still uses (not expired), by model."""
-        when = time.time() if now is None else now
-        ttl = self.config.routing.affinity_ttl
-        return {m: a for m, a in self.state.affinity.items() if not affinity_expired(a, when, ttl)}
-
-    def reset_affinity(self, model: str | None = None) -> list[str]:
-        """Forget the affinity of `model` (all when None); the models forgotten."""
-        affinity = self.state.affinity
-        models = list(affinity) if model is None else [policy.normalize_model(model)]
-        cleared = [m for m in models if affinity.pop(m, None) is not None]
-        if cleared:
-            log.info("affinity reset: %s", ", ".join(cleared))
-            self.schedule_save()
-        return cleared
-
-    def drop_affinity_away_from(self, came_up: str) -> None:
-        """`came_up` is healthy again: forget the affinities that kept models off it."""
-        views = [b.view for b in self.backends.values()]
-        gone = affinities_to_drop(self.state.affinity, views, came_up)
-        for model in gone:
-            log.info("affinity of %s to %s dropped: %s is up", model,
-                     self.state.affinity.pop(model).backend, came_up)  # fmt: skip
-        if gone:
-            self.schedule_save()
-
-    def expire_affinity(self) -> None:
-        now = time.time()
-        gone = expired_affinities(self.state.affinity, now, self.config.routing.affinity_ttl)
-        for model in gone:
-            del self.state.affinity[model]
-        if gone:
-            log.info("affinity expired: %s", ", ".join(gone))
-            self.schedule_save()
-
-    def expire_pins(self) -> None:
-        for model in self.state.expire(time.time()):
-            log.info("pin of %s expired", model)
-            self.schedule_save()
-        self.expire_affinity()  # the same housekeeping round
-
-    def schedule_save(self) -> None:
-        """Save soon, off the event loop; changes during a save cause one more."""
-        if self._save_task is not None and not self._save_task.done():
-            self._save_again = True
-            return
-        self._save_task = asyncio.get_running_loop().create_task(self._save())
-
-    async def _save(self) -> None:
-        while True:
-            self._save_again = False
-            data = self.state.snapshot()
-            await asyncio.to_thread(self.state.save, data)
-            if not self._save_again:
-                return
-
     # -- reporting ------------------------------------------------------------
 
     def status(self) -> Status:
@@ -278,8 +161,8 @@ class Harbor:
             uptime_s=round(now - self.started_at, 3),
             socket=str(self.config.socket),
             backends=[self._backend_status(b) for b in self.backends.values()],
-            pins={m: p for m, p in self.state.pins.items() if p.active(now)},
-            affinity=self.active_affinity(now),
+            pins=self.state.active_pins(now),
+            affinity=self.state.active_affinity(now),
             counters=self.ledger.counters,
             in_flight=self.ledger.in_flight,
             state_note=self.state.note,

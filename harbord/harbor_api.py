@@ -132,14 +132,14 @@ async def set_pin(call: Call[PinRequest]) -> dict[str, Pin]:
         )
     if wanted.for_seconds is not None and wanted.for_seconds <= 0:
         raise Problem(400, "for_seconds must be > 0")
-    pin = harbor.pin(model, wanted.backend, wanted.reason, wanted.for_seconds, "operator")
+    pin = harbor.state.pin(model, wanted.backend, wanted.reason, wanted.for_seconds, "operator")
     return {normalize_model(model): pin}
 
 
 @handles(api.UNPIN)
 async def clear_pin(call: Call[None]) -> api.Unpinned:
     model = _model(call)
-    if not call.harbor.unpin(model):
+    if not call.harbor.state.unpin(model):
         raise Problem(404, f"{model} is not pinned")
     return api.Unpinned(normalize_model(model))
 
@@ -164,18 +164,18 @@ async def route(call: Call[None]) -> Plan:
 
 @handles(api.AFFINITY)
 async def affinity(call: Call[None]) -> dict[str, Affinity]:
-    return call.harbor.active_affinity()
+    return call.harbor.state.active_affinity()
 
 
 @handles(api.RESET_AFFINITY)
 async def reset_affinity(call: Call[None]) -> api.AffinityReset:
-    return api.AffinityReset(call.harbor.reset_affinity())
+    return api.AffinityReset(call.harbor.state.reset_affinity())
 
 
 @handles(api.RESET_MODEL_AFFINITY)
 async def reset_model_affinity(call: Call[None]) -> api.AffinityReset:
     model = _model(call)
-    reset = call.harbor.reset_affinity(model)
+    reset = call.harbor.state.reset_affinity(model)
     if not reset:
         raise Problem(404, f"{model} has no affinity")
     return api.AffinityReset(reset)

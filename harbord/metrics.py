@@ -59,7 +59,6 @@ class Metrics:
         # (backend that failed, error class) -> count, for failures another backend followed
         self.fallbacks: collections.Counter[tuple[str, str]] = collections.Counter()
         self.errors: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.pins_set: collections.Counter[str] = collections.Counter()
         # The placement rule that decided each plan (Plan.rule) -> count.
         self.rules: collections.Counter[str] = collections.Counter()
         self.ttfb: collections.defaultdict[str, Histogram] = collections.defaultdict(Histogram)
@@ -129,7 +128,7 @@ class HarborCollector(Collector):
         yield rules
 
         pins_set = CounterMetricFamily("harbor_pins_set", "Pins set, by source", labels=["source"])
-        for pin_source, count in sorted(metrics.pins_set.items()):
+        for pin_source, count in sorted(harbor.state.pins_set.items()):
             pins_set.add_metric([pin_source], count)
         yield pins_set
 

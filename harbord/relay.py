@@ -232,7 +232,7 @@ class Relay:
         decision.first_byte_ms = round((time.time() - decision.time) * 1000, 3)
         backend.record_success()
         if decision.plan is not None:
-            self.harbor.learn_affinity(decision.plan, backend.name)
+            self.harbor.state.learn_affinity(decision.plan, backend.name)
         return attempt
 
     def _learn_service(self, backend: Backend, decision: Decision, sent_at: float) -> None:
@@ -252,7 +252,7 @@ class Relay:
         if failure.error_class == "oom" and backend.config.kind == "gpu" and plan.model:
             target = self._cpu_for(plan)
             if target is not None:
-                self.harbor.pin(
+                self.harbor.state.pin(
                     plan.model,
                     target,
                     f"out of memory on {backend.name}: {failure.text[:160]}",

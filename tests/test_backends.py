@@ -311,12 +311,12 @@ async def test_affinity_is_learned_only_from_the_plans_own_choice_and_persisted(
 ) -> None:
     stack = await make_stack()
     harbor = stack.harbor
-    assert not harbor.learn_affinity(_plan("gpu", "cpu"), "cpu")  # a fallback
-    assert not harbor.learn_affinity(_plan("cpu", "gpu", pinned="cpu", rule="pin"), "cpu")
-    assert not harbor.learn_affinity(_plan("cpu", "gpu", rule="busy-spill"), "cpu")
-    assert not harbor.learn_affinity(_plan("cpu", forced=True, rule="forced"), "cpu")
+    assert not harbor.state.learn_affinity(_plan("gpu", "cpu"), "cpu")  # a fallback
+    assert not harbor.state.learn_affinity(_plan("cpu", "gpu", pinned="cpu", rule="pin"), "cpu")
+    assert not harbor.state.learn_affinity(_plan("cpu", "gpu", rule="busy-spill"), "cpu")
+    assert not harbor.state.learn_affinity(_plan("cpu", forced=True, rule="forced"), "cpu")
     assert harbor.state.affinity == {}
-    assert harbor.learn_affinity(_plan("gpu", "cpu"), "gpu")
+    assert harbor.state.learn_affinity(_plan("gpu", "cpu"), "gpu")
     learned = harbor.state.affinity[MODEL]
     assert learned.backend == "gpu" and learned.last_served is not None
     await stack.wait_for(lambda: _true(harbor.state.path.exists()), "the state saved")
@@ -341,7 +341,7 @@ async def test_affinity_expires_and_is_reset_through_the_api(make_stack: StackFa
         }
     )
     assert set(harbor.status().affinity) == {"new:1", "other:1"}  # expired: not shown
-    harbor.expire_pins()  # housekeeping
+    harbor.state.expire()  # housekeeping
     assert set(harbor.state.affinity) == {"new:1", "other:1"}
     reset = await stack.client.delete("/harbor/affinity/new:1")
     assert (reset.status, await reset.json()) == (200, {"reset": ["new:1"]})

@@ -166,20 +166,11 @@ def test_a_missing_or_extra_body_is_the_callers_mistake(mocked: respx.MockRouter
 # --- the real handlers, behind a real socket, with a stand-in for the Harbor ----------
 
 
-class FakeHarbor(SimpleNamespace):
+class FakeState(SimpleNamespace):
+    """The StateStore's side of the handlers: pins and affinity."""
+
     def __init__(self) -> None:
-        registry = CollectorRegistry()
-        Gauge("harbor_test_value", "a value", registry=registry).set(3)
-        super().__init__(
-            backends={"gpu": SimpleNamespace(models=["m:1"]), "cpu": SimpleNamespace(models=[])},
-            ledger=SimpleNamespace(decisions={DECISION.id: DECISION}),
-            pins={},
-            registry=registry,
-            restart_backend=None,
-            affinity={"m:1": AFFINITY, "n:2": AFFINITY},
-            planned=[],
-        )
-        self.state = SimpleNamespace(pins=self.pins)
+        super().__init__(pins={}, affinity={"m:1": AFFINITY, "n:2": AFFINITY})
 
     def active_affinity(self) -> dict[str, Affinity]:
         return dict(self.affinity)
@@ -188,10 +179,6 @@ class FakeHarbor(SimpleNamespace):
         models = list(self.affinity) if model is None else [model]
         return [m for m in models if self.affinity.pop(m, None) is not None]
 
-    def plan(self, request: Any) -> Plan:
-        self.planned.append(request)
-        return PLAN
-
     def pin(self, model: str, backend: str, reason: str, for_seconds: float | None,
             source: str) -> Pin:  # fmt: skip
         self.pins[model] = Pin(backend=backend, reason=reason, since=time.time())
@@ -199,6 +186,24 @@ class FakeHarbor(SimpleNamespace):
 
     def unpin(self, model: str) -> bool:
         return self.pins.pop(model, None) is not None
+
+
+class FakeHarbor(SimpleNamespace):
+    def __init__(self) -> None:
+        registry = CollectorRegistry()
+        Gauge("harbor_test_value", "a value", registry=registry).set(3)
+        super().__init__(
+            backends={"gpu": SimpleNamespace(models=["m:1"]), "cpu": SimpleNamespace(models=[])},
+            ledger=SimpleNamespace(decisions={DECISION.id: DECISION}),
+            state=FakeState(),
+            registry=registry,
+            restart_backend=None,
+            planned=[],
+        )
+
+    def plan(self, request: Any) -> Plan:
+        self.planned.append(request)
+        return PLAN
 
 
 @pytest.fixture
