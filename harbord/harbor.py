@@ -36,6 +36,7 @@ from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
 
+
 class Harbor:
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -83,8 +83,12 @@ class Relay:
         body: Body,
         decision: Decision,
         content_length: int | None = None,
+        answer_as_is: bool = False,
     ) -> web.StreamResponse:
-        """The first answer a backend of the plan gives; raises a Problem when none does."""
+        """The first answer a backend of the plan gives; raises a Problem when none does.
+
+        With `answer_as_is` (pass-through), the last backend's own 4xx answer, a 404
+        included, is the client's answer when no backend served."""
         decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
         backends = self.harbor.backends
         headers = upstream_headers(request.headers)
@@ -120,7 +124,7 @@ class Relay:
             for step in (*plan.steps, *plan.excluded)
             if step.backend in backends
         ]
-        return fail.verdict(failures, decision.id, tried)
+        return fail.verdict(failures, decision.id, tried, answer_as_is)
 
     async def _attempt(
         self,
@@ -267,7 +271,10 @@ def _broken_start(name: str, upstream: Exchange, first: bytes, streaming: bool) 
     if not streaming and content_type == "application/json" and not is_json(first):
         # Ollama's answers are JSON: this one is broken.
         return Failure(
-            "other", f"{name} answered {status} with a body that is not JSON", status, first,
+            "other",
+            f"{name} answered {status} with a body that is not JSON",
+            status,
+            first,
             content_type,
         )
     if streaming and b"\n" not in first and len(first) < MAX_LINE:
