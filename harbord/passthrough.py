@@ -5,10 +5,11 @@ ones); a router that answered 404 for them would break the next client. So a req
 no other route takes is sent on: by its `model` when the body names one (a JSON field,
 or a multipart form field as in `/v1/audio/transcriptions`), with the same plan as the
 routed paths (X-Harbor-Intent and X-Harbor-Backend honoured); otherwise to the first
-healthy backend in configuration order. Fallback happens before the first byte only,
-and the last backend's own 4xx (its 404 for a path it does not serve, too) comes back
-as it is. `/harbor/*` and `/metrics` are harbord's own: there an unknown path stays
-harbord's 404 (405 for a known path with another method).
+healthy backend in configuration order. A backend that cannot answer (refused, busy,
+hung, a 5xx) is followed by the next before the first byte; a backend's own 4xx (its
+404 for a path it does not serve, too) is the answer, as it is. `/harbor/*` and
+`/metrics` are harbord's own: there an unknown path stays harbord's 404 (405 for a
+known path with another method).
 
 The body is read whole, under the same `max_body_size` limit as a routed request (an
 upload over it is refused with 413, as on the routed paths); only then is its model

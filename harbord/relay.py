@@ -87,8 +87,8 @@ class Relay:
     ) -> web.StreamResponse:
         """The first answer a backend of the plan gives; raises a Problem when none does.
 
-        With `answer_as_is` (pass-through), the last backend's own 4xx answer, a 404
-        included, is the client's answer when no backend served."""
+        With `answer_as_is` (pass-through), a backend's own 4xx answer, a 404 included,
+        is the client's answer: no other backend is tried after it."""
         decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
         backends = self.harbor.backends
         headers = upstream_headers(request.headers)
@@ -119,6 +119,8 @@ class Relay:
             self._react(backend, failure, plan, decision)
             if not is_retryable(failure.error_class) or not isinstance(body, bytes):
                 break
+            if answer_as_is and failure.status is not None and failure.status < 500:
+                break  # the backend's own 4xx is the answer
         tried = [
             (step.backend, backends[step.backend].config.url)
             for step in (*plan.steps, *plan.excluded)
