@@ -7,12 +7,16 @@ tests/test_clients_e2e.py drives the same paths with the official SDKs over the 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from harbord import ollama_api, passthrough
+from harbord.server import ROUTED_PATHS
 from harbord.unload import is_unload, keep_alive_is_zero
 from tests.fakeollama import SERVER_KEY, build_app
 from tests.inproc import MODEL, Stack, StackFactory
@@ -443,3 +447,29 @@ def test_what_counts_as_an_unload() -> None:
     assert not is_unload("/api/generate", b'{"model": "m"}')
     assert not is_unload("/api/generate", b'{"model": "m", "keep_alive": true}')
     assert not is_unload("/api/embed", b'{"model": "m", "keep_alive": 0}')
+
+
+# --- the docs list every path ----------------------------------------------------------------
+
+
+def test_the_readme_and_harbord_8_list_every_ollama_path() -> None:
+    """Every route harbord serves for Ollama's clients, in the README's API table and in
+    harbord(8) (a templated path by its fixed part: `/v1/models/`, `/api/blobs/`)."""
+    root = Path(__file__).resolve().parent.parent
+    readme = root.joinpath("README.md").read_text()
+    table = readme[readme.index("## API") : readme.index("## harborctl")]
+    page = root.joinpath("man", "harbord.8.scd").read_text()
+    api = page[page.index("# API") :]
+    router = web.UrlDispatcher()
+    for path in ROUTED_PATHS:
+        router.add_post(path, passthrough.catch_all)
+    ollama_api.add_routes(router)
+    paths = {r.canonical for r in router.resources()}
+    assert {"/v1/messages", "/v1/responses", "/v1/models/{model}"} <= paths
+    for path in paths:
+        assert re.search(rf"[` ]{re.escape(path)}`", table), path
+        fixed = path.split("{", 1)[0]
+        assert re.search(rf"[* ]{re.escape(fixed)}[*_]", api), path
+    for text in (table, api):
+        prose = " ".join(text.lower().split())
+        assert "passed through" in prose and "unload" in prose
