@@ -11,7 +11,11 @@ Newer anthropic and openai SDKs bring their own httpx fork and refuse a plain
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ import openai
 import openai._base_client
 import pytest
 
-from tests.fakeproc import FakeOllama
+from tests.fakeproc import FakeOllama, free_port
 from tests.harness import Harbord, gpu_cpu
 
 pytestmark = pytest.mark.e2e
@@ -334,3 +338,70 @@ def test_curl_pass_through_of_an_unknown_path_without_a_model(
     assert upload["body"]["content_type"] == "multipart/form-data"
     headers, body = curl(harbord, "http://harbor/harbor/nothing")
     assert headers[":status"] == "404" and "no such endpoint" in body  # harbord's own
+
+
+# --- pass-through keeps who may reach harbord -------------------------------------------------
+
+OTHER_USER = "harbor-test-other"  # the second user of tests/test_security.py
+
+
+@pytest.fixture(scope="module")
+def other_user() -> str:
+    """A second Unix user; creating one needs root (CI runs as root)."""
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            if os.environ.get("CI"):
+                pytest.fail("the second-user test needs root in CI")
+            pytest.skip("creating a second user needs root")
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+            check=True,
+        )
+    return OTHER_USER
+
+
+def test_pass_through_keeps_the_peer_check_and_the_token(
+    fakes: tuple[FakeOllama, FakeOllama], other_user: str
+) -> None:
+    gpu, cpu = fakes
+    workdir = Path(tempfile.mkdtemp(prefix="harbor-peer-"))  # the other user must reach it
+    workdir.chmod(0o755)
+    token = workdir / "token"
+    token.write_text("t0ken-for-pass-through\n")
+    token.chmod(0o600)
+    port = free_port()
+    daemon = Harbord.start(
+        workdir,
+        gpu_cpu(gpu, cpu),
+        extra_config=(
+            f'allow_root = false\n[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token}"\n'
+        ),
+    )
+    body = '{"model": "llama3.2"}'
+    try:
+        (workdir / "run").chmod(0o755)
+        daemon.socket.chmod(0o666)  # opened up by mistake: the peer check still refuses
+        gpu.clear_requests()
+        cpu.clear_requests()
+        curl = ["curl", "-sS", "-i", "--unix-socket", str(daemon.socket), "-d", body]
+        refused = subprocess.run(
+            ["runuser", "-u", other_user, "--", *curl, "http://localhost/api/experimental/thing"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.stdout.startswith("HTTP/1.1 403"), refused.stdout + refused.stderr
+        assert gpu.requests() == [] and cpu.requests() == []
+        url = f"http://127.0.0.1:{port}/api/experimental/thing"
+        assert httpx.post(url, content=body, timeout=10).status_code == 401
+        assert gpu.requests() == [] and cpu.requests() == []
+        bearer = {"Authorization": "Bearer t0ken-for-pass-through"}
+        passed = httpx.post(url, content=body, timeout=10, headers=bearer)
+        assert (passed.status_code, passed.text) == (404, "404 page not found")
+        [forwarded] = gpu.requests()
+        assert "authorization" not in {k.lower() for k in forwarded["headers"]}
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir)
