@@ -19,6 +19,7 @@ looked for, so nothing beyond the limit is ever held.
 from __future__ import annotations
 
 import email.message
+import re
 from email.utils import collapse_rfc2231_value
 
 import msgspec
@@ -47,6 +48,7 @@ class _BodyFacts(msgspec.Struct):
 
 
 _facts = msgspec.json.Decoder(_BodyFacts)
+_JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")  # without copying a large body to strip it
 
 
 def is_own_path(path: str) -> bool:
@@ -55,7 +57,7 @@ def is_own_path(path: str) -> bool:
 
 def json_model(body: bytes) -> tuple[str | None, bool | None]:
     """The `model` and `stream` of a JSON object body; (None, None) for anything else."""
-    if body.lstrip()[:1] != b"{":
+    if _JSON_OBJECT_START.match(body) is None:
         return None, None
     try:
         facts = _facts.decode(body)

@@ -489,3 +489,38 @@ def test_the_readme_and_harbord_8_list_every_ollama_path() -> None:
     for text in (table, api):
         prose = " ".join(text.lower().split())
         assert "passed through" in prose and "unload" in prose
+
+
+def form(*parts: tuple[str, bytes], boundary: str = "xYz") -> bytes:
+    out = b""
+    for name, value in parts:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        if name == "file":
+            out += b'; filename="a.wav"\r\nContent-Type: audio/wav'
+        out += b"\r\n\r\n" + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_the_model_of_a_multipart_form() -> None:
+    audio = b"RIFF\r\n--xY\r\n" + bytes(range(256)) * 4  # a file that almost holds a delimiter
+    find = passthrough.multipart_model
+    content_type = "multipart/form-data; boundary=xYz"
+    assert find(form(("file", audio), ("model", b"whisper:1")), content_type) == "whisper:1"
+    assert find(form(("model", b"whisper"), ("file", audio)), content_type) == "whisper"
+    quoted = 'multipart/form-data; boundary="a b"'
+    assert find(form(("model", b"m"), boundary="a b"), quoted) == "m"
+    assert find(form(("file", audio), ("language", b"en")), content_type) is None
+    assert find(form(("model", b"\xff\xfe")), content_type) is None
+    assert find(form(("model", b"m")), "multipart/form-data") is None  # no boundary
+    assert find(form(("model", b"m"))[:40], content_type) is None  # cut short
+    assert find(b"", content_type) is None
+
+
+def test_the_model_of_a_json_body() -> None:
+    find = passthrough.json_model
+    assert find(b' \n{"model": "m", "stream": true}') == ("m", True)
+    assert find(b'{"model": 7, "stream": "yes"}') == (None, None)
+    assert find(b'{"model": ""}') == (None, None)
+    assert find(b'["model"]') == (None, None)
+    assert find(b'{"model": "m"') == (None, None)  # not JSON: the backend's to judge
+    assert find(b"model=m") == (None, None)
