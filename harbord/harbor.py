@@ -36,7 +36,6 @@ from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
 
-
 class Harbor:
     def __init__(self, config: Config) -> None:
         self.config = config
