@@ -3,8 +3,10 @@
 A handler anywhere on the request path raises `Problem(status, message)`; the
 middleware in server.py renders it. Which shape the client gets depends only
 on the path, the way Ollama answers: `{"error": "..."}` on its native API,
-OpenAI's error object on `/v1`, Anthropic's on `/v1/messages`. The same goes
-for an error that ends a stream after its first byte (`stream_error`).
+OpenAI's error object on `/v1` (the Responses API included), Anthropic's on
+`/v1/messages`. An error that ends a stream after its first byte
+(`stream_error`) is the last event each API's clients know how to read; the
+Responses API is its own family there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 import msgspec
 from aiohttp import web
 
-Family = Literal["ollama", "openai", "anthropic"]
+Family = Literal["ollama", "openai", "responses", "anthropic"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -46,6 +48,8 @@ class Problem(Exception):
 def family_of(path: str) -> Family:
     if path.startswith("/v1/messages"):
         return "anthropic"
+    if path.startswith("/v1/responses"):
+        return "responses"
     if path.startswith("/v1/"):
         return "openai"
     return "ollama"
@@ -60,7 +64,7 @@ def _anthropic_type(status: int) -> str:
 
 
 def error_body(status: int, message: str, family: Family) -> bytes:
-    if family == "openai":
+    if family in ("openai", "responses"):
         error = {"message": message, "type": _openai_type(status), "param": None, "code": None}
         return _encode({"error": error})
     if family == "anthropic":
@@ -78,12 +82,33 @@ def render(problem: Problem, family: Family) -> web.Response:
     )
 
 
-def stream_error(message: str, family: Family, sse: bool) -> bytes:
-    """The last message of a stream that broke after its first byte."""
+def stream_error(message: str, family: Family, sse: bool, sequence_number: int = 0) -> bytes:
+    """The last message of a stream that broke after its first byte.
+
+    `sequence_number` is the Responses API's: one more than the last event's."""
     if not sse:
         return _encode({"error": message}) + b"\n"
     if family == "anthropic":
         payload = _encode({"type": "error", "error": {"type": "api_error", "message": message}})
+    elif family == "responses":
+        payload = _encode(_responses_error(message, sequence_number))
     else:
         payload = _encode({"error": {"message": message, "type": "api_error"}})
     return b"event: error\ndata: " + payload + b"\n\n"
+
+
+def _responses_error(message: str, sequence_number: int) -> dict[str, object]:
+    """The Responses API's `error` event: the fields OpenAI documents at the top level, and
+    the nested `error` object its servers send, which is what the openai SDK (1.69 and
+    later) raises as `APIError` out of `responses.create(stream=True)`; without it older
+    SDKs hand the event on unparsed. A `response.failed` would need the stream's response
+    id (the SDK's stream helper checks it), which harbord does not read."""
+    code = "server_error"
+    return {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": sequence_number,
+        "error": {"type": code, "code": code, "message": message, "param": None},
+    }

@@ -66,18 +66,23 @@ def fallbacks_header(failures: list[tuple[str, Failure]]) -> str:
 
 
 def verdict(
-    failures: list[tuple[str, Failure]], request_id: str, tried: list[tuple[str, str]]
+    failures: list[tuple[str, Failure]],
+    request_id: str,
+    tried: list[tuple[str, str]],
+    answer_as_is: bool = False,
 ) -> web.Response:
     """The answer when no backend served: returned when it is a backend's own, else raised.
 
     `tried` is every backend of the plan with its URL, for a message that says where
-    harbord looked when none could be reached."""
+    harbord looked when none could be reached. `answer_as_is`: any 4xx of the last
+    backend is its own answer (a path harbord does not know: its 404 is the backend's)."""
     headers = {"X-Harbor-Request-Id": request_id}
     if not failures:
         raise Problem(503, _none_reachable(tried), {**headers, "Retry-After": "5"})
     headers["X-Harbor-Fallbacks"] = fallbacks_header(failures)
     name, last = failures[-1]
-    if last.error_class == "client" and last.status is not None and last.body is not None:
+    own = last.error_class == "client" or (answer_as_is and (last.status or 500) < 500)
+    if own and last.status is not None and last.body is not None:
         # The backend's own 4xx answer goes back as it is.
         headers["X-Harbor-Backend"] = name
         return web.Response(

@@ -1,7 +1,8 @@
 """Ollama endpoints that are not routed per model.
 
 Aggregated over the healthy backends: `/api/tags` (each model once),
-`/api/ps`, `/v1/models`, `/api/version`, and `/` for liveness checks.
+`/api/ps`, `/v1/models` and `/v1/models/{model}`, `/api/version`, and `/` for
+liveness checks.
 Model management (pull, delete, copy, create, push, blobs) goes to one
 backend, the first GPU backend unless `X-Harbor-Backend` names another, with
 its progress streamed through; the model store is shared, so every backend's
@@ -18,10 +19,12 @@ import msgspec
 from aiohttp import web
 
 from harbord.backends import Backend
+from harbord.config import MODEL_RE
 from harbord.errors import Problem
 from harbord.failures import START_HINT
 from harbord.harbor import HARBOR, Harbor
 from harbord.ledger import Ledger, accounted
+from harbord.policy import normalize_model
 from harbord.relay import RELAY
 from harbord.schemas import UNDECODABLE, Decision, Plan, PlanStep
 from harbord.upstream import UpstreamError
@@ -119,6 +122,22 @@ async def v1_models(request: web.Request) -> web.StreamResponse:
     return web.json_response({"object": "list", "data": _merge(answers, "data", "id") or None})
 
 
+async def v1_model(request: web.Request) -> web.StreamResponse:
+    """One model object (`client.models.retrieve`), from the backends' `/v1/models`."""
+    harbor = request.app[HARBOR]
+    model = request.match_info["model"]
+    if not MODEL_RE.fullmatch(model):
+        raise Problem(400, f"invalid model name {model[:80]!r}")
+    answers = await _gather(harbor, "/v1/models")
+    if not answers:
+        raise _no_backend(harbor)
+    wanted = normalize_model(model)
+    for item in _merge(answers, "data", "id") or ():
+        if normalize_model(item["id"]) == wanted:
+            return web.json_response({**item, "id": model})  # Ollama names it as asked
+    raise Problem(404, f"model '{model}' not found")
+
+
 async def manage(request: web.Request, decision: Decision) -> web.StreamResponse:
     """Model management: one backend, no fallback, progress streamed through."""
     harbor = request.app[HARBOR]
@@ -159,6 +178,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/api/tags", tags)
     router.add_get("/api/ps", ps)
     router.add_get("/v1/models", v1_models)
+    router.add_get("/v1/models/{model:.+}", v1_model)
     managed = accounted(_ledger, manage)
     for path in ("/api/pull", "/api/copy", "/api/create", "/api/push"):
         router.add_post(path, managed)

@@ -85,8 +85,12 @@ class Relay:
         body: Body,
         decision: Decision,
         content_length: int | None = None,
+        answer_as_is: bool = False,
     ) -> web.StreamResponse:
-        """The first answer a backend of the plan gives; raises a Problem when none does."""
+        """The first answer a backend of the plan gives; raises a Problem when none does.
+
+        With `answer_as_is` (pass-through), a backend's own 4xx answer, a 404 included,
+        is the client's answer: no other backend is tried after it."""
         decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
         backends = self.harbor.backends
         headers = upstream_headers(request.headers)
@@ -117,12 +121,14 @@ class Relay:
             self._react(backend, failure, plan, decision)
             if not is_retryable(failure.error_class) or not isinstance(body, bytes):
                 break
+            if answer_as_is and failure.status is not None and failure.status < 500:
+                break  # the backend's own 4xx is the answer
         tried = [
             (step.backend, backends[step.backend].config.url)
             for step in (*plan.steps, *plan.excluded)
             if step.backend in backends
         ]
-        return fail.verdict(failures, decision.id, tried)
+        return fail.verdict(failures, decision.id, tried, answer_as_is)
 
     async def _attempt(
         self,
@@ -282,7 +288,10 @@ def _broken_start(name: str, upstream: Exchange, first: bytes, streaming: bool) 
     if not streaming and content_type == "application/json" and not is_json(first):
         # Ollama's answers are JSON: this one is broken.
         return Failure(
-            "other", f"{name} answered {status} with a body that is not JSON", status, first,
+            "other",
+            f"{name} answered {status} with a body that is not JSON",
+            status,
+            first,
             content_type,
         )
     if streaming and b"\n" not in first and len(first) < MAX_LINE:

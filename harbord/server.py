@@ -1,22 +1,21 @@
 """The HTTP application on the Unix socket: routes, the routed handler, errors.
 
-Every error is JSON in the shape of the API family the path belongs to
-(errors.py), never a traceback. Bodies are read with a hard limit,
-and only the fields routing needs are decoded.
+Every error of harbord's own is JSON in the shape of the API family the path
+belongs to (errors.py), never a traceback; a backend's own answer on a path
+harbord does not know comes back as it is (passthrough.py). Bodies are read
+with a hard limit, and only the fields routing needs are decoded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from harbord import errors, harbor_api, ollama_api
+from harbord import errors, harbor_api, ollama_api, passthrough, unload
 from harbord.config import MODEL_RE
 from harbord.errors import Problem, family_of
 from harbord.guard import bearer_middleware
@@ -24,6 +23,7 @@ from harbord.harbor import HARBOR, Harbor
 from harbord.ledger import Ledger, accounted
 from harbord.policy import PolicyError, RouteRequest
 from harbord.relay import RELAY, Relay
+from harbord.request_body import decode, read_body
 from harbord.schemas import Decision, RequestFacts
 
 log = logging.getLogger(__name__)
@@ -37,68 +37,20 @@ ROUTED_PATHS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
 )
 
 _facts = msgspec.json.Decoder(RequestFacts)
 _STREAM_BY_DEFAULT = frozenset(("/api/chat", "/api/generate"))
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_T = TypeVar("_T")
-
-
-async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The request body, refusing (before reading it) anything over `limit` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
-    if request.content.is_eof():  # a small body arrives with the head: no timer needed
-        return await _read_capped(request, limit)
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read_capped(request, limit)
-    except TimeoutError:
-        raise Problem(408, f"request body not received within {timeout:g}s") from None
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> Problem:
-    return Problem(413, f"request body over the {limit} byte limit")
-
-
-def _decode(decode: Callable[[bytes], _T], body: bytes) -> _T:
-    """msgspec's decode, with every way it refuses untrusted bytes a 400.
-
-    Invalid UTF-8 in a decoded string is a UnicodeDecodeError up to msgspec 0.19
-    and a DecodeError ("Invalid UTF-8 encoded string") from 0.20 on; arrays or
-    objects nested deeper than the recursion limit raise RecursionError.
-    """
-    try:
-        return decode(body)
-    except UnicodeDecodeError:
-        raise Problem(400, "invalid JSON: a string is not valid UTF-8") from None
-    except RecursionError:
-        raise Problem(400, "invalid JSON: nested too deeply") from None
-    except msgspec.ValidationError as err:
-        raise Problem(400, f"invalid request: {err}") from None
-    except msgspec.DecodeError as err:
-        if "utf-8" in str(err).lower():
-            raise Problem(400, "invalid JSON: a string is not valid UTF-8") from None
-        raise Problem(400, f"invalid JSON: {err}") from None
 
 
 def _strip_intent(body: bytes) -> bytes:
     """The body without its top-level "intent" field (harbord's, not Ollama's)."""
-    decoded = _decode(msgspec.json.decode, body)
+    decoded = decode(msgspec.json.decode, body)
     if isinstance(decoded, dict) and "intent" in decoded:
         del decoded["intent"]
         return msgspec.json.encode(decoded)
@@ -111,7 +63,7 @@ async def routed(request: web.Request, decision: Decision) -> web.StreamResponse
     body = await read_body(request, config.max_body_size, config.client_timeout)
     if not body:
         raise Problem(400, "missing request body")
-    facts = _decode(_facts.decode, body)
+    facts = decode(_facts.decode, body)
     model = facts.model_name
     if not model:
         raise Problem(400, "model is required")
@@ -119,6 +71,8 @@ async def routed(request: web.Request, decision: Decision) -> web.StreamResponse
         raise Problem(400, f"invalid model name {model[:80]!r}")
     if b'"intent"' in body:
         body = _strip_intent(body)
+    if unload.is_unload(request.path, body):
+        return await unload.unload_everywhere(request, harbor, decision, model, body)
     try:
         plan = harbor.plan(
             RouteRequest(
@@ -131,7 +85,8 @@ async def routed(request: web.Request, decision: Decision) -> web.StreamResponse
         )
     except PolicyError as err:
         raise Problem(400, str(err)) from None
-    # Ollama's native chat and generate stream unless told not to; the rest do not.
+    # Ollama's native chat and generate stream unless told not to; the rest (OpenAI's and
+    # Anthropic's APIs) only when asked to.
     stream = facts.stream
     decision.stream = stream if stream is not None else request.path in _STREAM_BY_DEFAULT
     if config.log_bodies:
@@ -205,4 +160,5 @@ def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
         router.add_post(path, accounted(_ledger, routed))
     ollama_api.add_routes(router)
     harbor_api.add_routes(router)
+    passthrough.add_route(router)  # last: it takes every path the others do not
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import msgspec
 from aiohttp import web
@@ -25,6 +26,7 @@ log = logging.getLogger("harbord.relay")
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # A streamed line longer than this is relayed without waiting for its end.
 MAX_LINE = 1024 * 1024
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
 async def first_line(upstream: Exchange) -> bytes:
@@ -80,6 +82,12 @@ def error_in_lines(lines: bytes) -> tuple[ErrorClass, str] | None:
     return None
 
 
+def next_sequence_number(sent: bytes) -> int:
+    """One more than the last `sequence_number` in the bytes last sent (0 if none there)."""
+    numbers = _SEQUENCE.findall(sent)
+    return int(numbers[-1]) + 1 if numbers else 0
+
+
 async def relay_stream(
     request: web.Request,
     upstream: Exchange,
@@ -98,6 +106,9 @@ async def relay_stream(
     sent = first[: len(first) - len(pending)]
     await response.write(sent)
     tail = sent[-2:]  # the end of what the client has, to start an error on a fresh line
+    # The last two writes, for the Responses API's next sequence number: the last may be
+    # an `event:` line alone, the last sequence number in the write before it.
+    earlier, last = b"", sent
     loop = asyncio.get_running_loop()
     read_chunk = upstream.read_chunk
     failure: tuple[ErrorClass, str] | None = None
@@ -126,6 +137,7 @@ async def relay_stream(
                     tail = (tail + whole)[-2:]
                     if b'"error"' in whole:  # a memchr per chunk, and only then a look
                         backend_error = error_in_lines(whole) or backend_error
+                    earlier, last = last, whole
         if pending:
             failure = "other", f"{backend_name} ended its stream inside a line"
     except TimeoutError:
@@ -137,6 +149,8 @@ async def relay_stream(
     if failure is not None:
         sse = upstream.content_type == "text/event-stream"
         fresh = b"" if tail.endswith(b"\n\n" if sse else b"\n") or not tail else b"\n"
-        await response.write(fresh + stream_error(failure[1], family_of(request.path), sse))
+        family = family_of(request.path)
+        sequence = next_sequence_number(earlier + last) if family == "responses" else 0
+        await response.write(fresh + stream_error(failure[1], family, sse, sequence))
     await response.write_eof()
     return response, failure or backend_error

@@ -407,8 +407,9 @@ def test_clear_errors_for_bad_input(harbord: Harbord) -> None:
                 "unknown backend",
             ),
             (client.post("/api/chat", json={"model": "../../etc"}), 400, "invalid model name"),
-            (client.get("/api/nothing"), 404, "no such endpoint"),
-            (client.get("/api/chat"), 405, "not allowed"),
+            # Unknown paths outside /harbor pass through to Ollama (test_clients_e2e.py).
+            (client.get("/harbor/nothing"), 404, "no such endpoint"),
+            (client.post("/harbor/status"), 405, "not allowed"),
             (client.get("/harbor/route"), 400, "model"),
             (client.put("/harbor/pins/x", json={"backend": "tpu"}), 400, "unknown backend"),
         ]

@@ -1,4 +1,4 @@
-"""Hostile and bad input on the socket: every answer is a JSON error with the right
+"""Hostile and bad input on the socket: every error of harbord's own is JSON with the right
 status, never a 500, never a traceback, and nothing invalid reaches a backend.
 
 One daemon (body limit 1 MiB) in front of two fake Ollama servers for the module.
@@ -320,29 +320,35 @@ def test_query_parameters(client: httpx.Client) -> None:
 
 
 def test_unknown_paths_and_methods(client: httpx.Client) -> None:
-    for path in (
-        "/api/nothing",
-        "/harbor/nothing",
-        "/v1/nothing",
-        "/api",
-        "/api/chat/x",
-        "/%2e%2e/etc/passwd",
-        "/api/tags/../../x",
-    ):
-        response = client.get(path)
-        assert_json_error(response, 404, "no such endpoint")
+    # harbord's own namespace keeps its own JSON 404 and 405.
+    for path in ("/harbor/nothing", "/harbor", "/harbor/status/x"):
+        assert_json_error(client.get(path), 404, "no such endpoint")
     for method, path in (
-        ("GET", "/api/chat"),
-        ("PUT", "/api/chat"),
-        ("DELETE", "/api/tags"),
         ("PATCH", "/harbor/pins/x"),
         ("POST", "/harbor/status"),
-        ("GET", "/v1/chat/completions"),
-        ("OPTIONS", "/api/generate"),
+        ("DELETE", "/metrics"),
     ):
         response = client.request(method, path)
         assert_json_error(response, 405, "not allowed")
         assert response.headers.get("Allow")
+    # Every other path and method passes through (issue 12): Ollama's own 404 comes back,
+    # odd paths included, and harbord never answers 404 for them itself.
+    for method, path in (
+        ("GET", "/api/nothing"),
+        ("GET", "/v1/nothing"),
+        ("GET", "/api"),
+        ("GET", "/api/chat/x"),
+        ("GET", "/%2e%2e/etc/passwd"),
+        ("GET", "/api/tags/../../x"),
+        ("GET", "/api/chat"),
+        ("PUT", "/api/chat"),
+        ("DELETE", "/api/tags"),
+        ("GET", "/v1/chat/completions"),
+        ("OPTIONS", "/api/generate"),
+    ):
+        response = client.request(method, path)
+        assert (response.status_code, response.text) == (404, "404 page not found"), path
+        assert response.headers["X-Harbor-Backend"] == "gpu"
 
 
 # --- the HTTP layer -------------------------------------------------------------------
