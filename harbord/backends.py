@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import msgspec
 
 from harbord.config import BackendConfig
 from harbord.policy import BackendView, normalize_model
@@ -228,7 +229,7 @@ class Backend:
             last_change=self.last_change,
             cooldown=self.cooldown,
             models=sorted(self.models or ()),
-            loaded=[LoadedModel(m.name, m.size, m.size_vram, m.expires_at) for m in self.loaded],
+            loaded=[LoadedModel(**msgspec.structs.asdict(m)) for m in self.loaded],
             memory_pressure=sorted(self.view.spilled),
             unit_status=self.unit_status,
         )
