@@ -147,7 +147,7 @@ class LoadedModel(msgspec.Struct):
     size: int = 0
     size_vram: int = 0
     expires_at: str | None = None
-    context_length: int = 0
+    context_length: int = 0  # the context it was loaded with; 0: the backend did not say
 
 
 class UnitStatus(msgspec.Struct, omit_defaults=True):
