@@ -42,6 +42,9 @@ ROUTED_PATHS = (
     "/v1/responses",
 )
 
+# Newer aiohttp refuses a request with very many header fields, 3.11 takes any number:
+# harbord's own cap holds the same on both.
+MAX_HEADERS = 100
 _facts = msgspec.json.Decoder(RequestFacts)
 _STREAM_BY_DEFAULT = frozenset(("/api/chat", "/api/generate"))
 
@@ -98,6 +101,8 @@ async def routed(request: web.Request, decision: Decision) -> web.StreamResponse
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error as JSON in the API family's shape, and no tracebacks to clients."""
     try:
+        if len(request.raw_headers) > MAX_HEADERS:
+            raise Problem(431, f"more than {MAX_HEADERS} request header fields")
         return await handler(request)
     except Problem as problem:
         return errors.render(problem, family_of(request.path))
