@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from harbord import config  # noqa: E402
 from harbord.config import MODEL_RE, ModelRule  # noqa: E402
-from harbord.harbor import Harbor, new_request_id  # noqa: E402
+from harbord.harbor import Harbor  # noqa: E402
+from harbord.ledger import new_request_id  # noqa: E402
 from harbord.policy import BackendView, RouteRequest, plan  # noqa: E402
 from harbord.relay import upstream_headers  # noqa: E402
 from harbord.schemas import Affinity, Decision, MemoryBudget, ModelFacts, Pin  # noqa: E402
@@ -128,8 +129,8 @@ def main() -> int:
         from harbord.schemas import RequestFacts
 
         _log_decision = None
-        for module in ("harbord.relay", "harbord.server"):  # it has moved between them
-            _log_decision = getattr(importlib.import_module(module), "_log_decision", None)
+        for module, name in (("harbord.ledger", "_log"), ("harbord.relay", "_log_decision")):
+            _log_decision = getattr(importlib.import_module(module), name, None)
             if _log_decision is not None:
                 break
 
@@ -146,7 +147,9 @@ def main() -> int:
         results["request/Decision(...)"] = per_call_us(make_decision, quick)
         d = make_decision()
         d.served_by, d.status, d.duration_ms = "gpu", 200, 0.4
-        results["request/harbor.record(decision)"] = per_call_us(lambda: harbor.record(make_decision()), quick)
+        ledger = harbor.ledger
+        ledger.in_flight += 10**9  # close() counts one down per call
+        results["request/ledger.close(decision)"] = per_call_us(lambda: ledger.close(make_decision()), quick)
         if _log_decision is not None:
             try:
                 _log_decision(d)
