@@ -123,6 +123,8 @@ class Relay:
                 break
             if answer_as_is and failure.status is not None and failure.status < 500:
                 break  # the backend's own 4xx is the answer
+            if _busy_cpu_for_heavy(plan, backend, failure):
+                break
         tried = [
             (step.backend, backends[step.backend].config.url)
             for step in (*plan.steps, *plan.excluded)
@@ -280,6 +282,15 @@ class Relay:
             if backend is not None and backend.config.kind == "cpu":
                 return name
         return None
+
+
+def _busy_cpu_for_heavy(plan: Plan, backend: Backend, failure: Failure) -> bool:
+    """A heavy request whose CPU backend is only busy waits for the CPU (a 503 with
+    Retry-After), rather than loading its large model onto the GPU and evicting what
+    the fast requests run there. A CPU backend that is down does let it move on."""
+    return plan.intent == "heavy" and failure.error_class == "busy" and (
+        backend.config.kind == "cpu"
+    )
 
 
 def _broken_start(name: str, upstream: Exchange, first: bytes, streaming: bool) -> Failure | None:

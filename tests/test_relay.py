@@ -291,6 +291,28 @@ async def test_a_full_limiter_with_nowhere_to_go_is_a_503(make_stack: StackFacto
     assert len(stack.gpu.requests("/api/chat")) == 1
 
 
+async def test_a_heavy_request_waits_for_a_busy_cpu_rather_than_spill_to_the_gpu(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack({"gpu": "", "cpu": "max_concurrency = 1\nmax_queue = 0\n"})
+    stack.cpu.set_faults({"hang_generation": True})
+    holder = asyncio.create_task(stack.chat(stream=False, headers={"X-Harbor-Intent": "heavy"}))
+
+    async def cpu_has_a_request() -> bool:
+        return stack.cpu.states() == ["running"]
+
+    await stack.wait_for(cpu_has_a_request, "the cpu to take the first heavy request")
+    busy = await stack.chat(stream=False, headers={"X-Harbor-Intent": "heavy"})
+    assert busy.status == 503 and busy.headers["Retry-After"]
+    assert busy.headers["X-Harbor-Fallbacks"] == "cpu=busy"
+    assert stack.gpu.requests("/api/chat") == [], "heavy never spills to the gpu for load"
+    # A fast request in the same spot still has the GPU.
+    fast = await stack.chat(stream=False)
+    assert fast.headers["X-Harbor-Backend"] == "gpu"
+    stack.cpu.set_faults({})
+    assert (await holder).headers["X-Harbor-Backend"] == "cpu"
+
+
 # --- the prober ----------------------------------------------------------------------------
 
 QUICK_PROBES = """
