@@ -163,9 +163,9 @@ def test_after_an_outage_the_next_fast_request_goes_back_to_the_gpu(
 
         port = gpu.port
         gpu.stop()
-        first = chat(daemon)  # finds the refused connection itself
+        first = chat(daemon)  # finds the refused connection, unless the prober did first
         assert first.headers["X-Harbor-Backend"] == "cpu"
-        assert first.headers["X-Harbor-Fallbacks"] == "gpu=network"
+        assert first.headers.get("X-Harbor-Fallbacks") in (None, "gpu=network")
         # While the GPU cools down it is left out: the CPU is the plan's own first
         # choice, decided by health, and that is remembered.
         during = chat(daemon)
@@ -178,8 +178,10 @@ def test_after_an_outage_the_next_fast_request_goes_back_to_the_gpu(
             # One probe interval while down is 0.2 s (FAST_ROUTING); the bound adds
             # slack for a loaded machine, it is not a speed target.
             wait_until(
-                lambda: daemon.backend("gpu")["health"] == "up"
-                and not daemon.backend("gpu")["cooldown"],
+                lambda: (
+                    daemon.backend("gpu")["health"] == "up"
+                    and not daemon.backend("gpu")["cooldown"]
+                ),
                 bound=2.0,
                 what="the prober to see the gpu back",
             )
@@ -219,12 +221,14 @@ def test_an_expired_pin_goes_back_to_the_gpu(tmp_path: Path, daemons: list[Harbo
         daemons.append(daemon)
         assert chat(daemon).headers["X-Harbor-Backend"] == "gpu"
 
-        pinned = harborctl(daemon, "pin", "llama3.2", "cpu", "--for", "1s")
+        # 2 s rather than 1: the pinned requests below must all come before the end,
+        # on a loaded machine too.
+        pinned = harborctl(daemon, "pin", "llama3.2", "cpu", "--for", "2s")
         assert pinned.returncode == 0, pinned.stderr
         # The same through the API, for a model with no history yet.
         with daemon.client() as client:
             put = client.put(
-                "/harbor/pins/qwen2.5-coder:7b", json={"backend": "cpu", "for_seconds": 1}
+                "/harbor/pins/qwen2.5-coder:7b", json={"backend": "cpu", "for_seconds": 2}
             )
         assert put.status_code == 200, put.text
         pins = get_json(daemon, "/harbor/pins")
@@ -333,7 +337,6 @@ def test_a_spill_is_seen_within_two_seconds_and_the_next_request_goes_to_the_cpu
         loaded_at = time.monotonic()
         assert first.headers["X-Harbor-Backend"] == "gpu"
         with httpx.Client() as client:  # the fake did spill it
-
             spilled = client.get(f"{gpu.url}/api/ps").json()["models"][0]
         assert 0 < spilled["size_vram"] < spilled["size"]
         context = spilled["context_length"]
