@@ -164,8 +164,9 @@ class Backend:
                 if 0 < model.size_vram < model.size:
                     spilled[normalize_model(model.name)] = (model.size, model.size_vram)
             figures = self.gpu_figures
+            vram = self.config.vram
             self.budget = choose_budget(
-                self.config.vram,
+                int(vram) if vram else None,  # a plain int: ByteSize does not encode in status
                 figures.journal,
                 figures.sysfs,
                 figures.nvidia_smi,
