@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from harbord import config  # noqa: E402
 from harbord.config import MODEL_RE, ModelRule  # noqa: E402
-from harbord.harbor import Harbor, new_request_id  # noqa: E402
+from harbord.harbor import Harbor  # noqa: E402
+from harbord.ledger import new_request_id  # noqa: E402
 from harbord.policy import BackendView, RouteRequest, plan  # noqa: E402
 from harbord.relay import upstream_headers  # noqa: E402
 from harbord.schemas import Affinity, Decision, MemoryBudget, ModelFacts, Pin  # noqa: E402
@@ -146,7 +147,7 @@ def main() -> int:
         results["request/Decision(...)"] = per_call_us(make_decision, quick)
         d = make_decision()
         d.served_by, d.status, d.duration_ms = "gpu", 200, 0.4
-        results["request/harbor.record(decision)"] = per_call_us(lambda: harbor.record(make_decision()), quick)
+        results["request/ledger.close(decision)"] = per_call_us(lambda: harbor.ledger.close(make_decision()), quick)
         if _log_decision is not None:
             try:
                 _log_decision(d)
