@@ -1,11 +1,13 @@
-"""What the sync and async clients of harbord.client share: the errors, who served, and
-the requests they build and the answers they read, apart from the transport call.
+"""What the sync and async clients of harbord.client share: the socket, the base class
+(timeouts, who served), the errors, and the requests they build and the answers they read,
+apart from the transport call.
 
 Internal to the client library: import the public names from harbord.client.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,8 +17,9 @@ from typing import Any, Generic, TypeVar
 import httpx
 import msgspec
 
+from harbord.config import default_socket
 from harbord.harbor_endpoints import Endpoint, Param
-from harbord.schemas import Intent
+from harbord.schemas import Intent, Plan
 
 T = TypeVar("T")
 A = TypeVar("A")  # an endpoint's answer type
@@ -24,6 +27,8 @@ B = TypeVar("B")  # an endpoint's body type
 Chunk = dict[str, Any]
 Message = Mapping[str, Any]
 Tools = Sequence[Mapping[str, Any]] | None
+BASE_URL = "http://harbor"
+CONNECT_TIMEOUT = 5.0
 
 
 class HarborError(Exception):
@@ -175,3 +180,32 @@ def chat_body(
     if tools is not None:
         body["tools"] = list(tools)
     return body
+
+
+def socket_path(socket: str | Path | None = None) -> Path:
+    """The given socket, else $HARBOR_SOCKET, else $XDG_RUNTIME_DIR/harbor.sock."""
+    return Path(socket) if socket is not None else default_socket(os.environ)
+
+
+def first_backend(plan: Plan) -> str | None:
+    return plan.steps[0].backend if plan.steps else None
+
+
+class ClientBase:
+    """The socket, the timeouts and who served the latest chat: what both clients hold."""
+
+    def __init__(self, socket: str | Path | None, timeout: float | None) -> None:
+        self.socket = socket_path(socket)
+        connect = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
+        self.timeout = httpx.Timeout(timeout, connect=connect)
+        self.last: Served | None = None
+
+    @property
+    def last_backend(self) -> str | None:
+        """The backend that served (or, on an error answer, last failed) the latest chat."""
+        return self.last.backend if self.last else None
+
+    def _served(self, resp: httpx.Response) -> httpx.Response:
+        """Notes who served a routed request, then raises for an error answer."""
+        self.last = Served.from_headers(resp.headers)
+        return checked(resp)

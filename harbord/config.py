@@ -1,16 +1,17 @@
-"""Configuration: defaults, an optional TOML file, environment and flags.
+"""Configuration: its schema, and loading it from defaults, an optional TOML file,
+environment and flags.
 
 Precedence is flag > environment > file > default, and every effective value
 remembers where it came from (`Config.sources`), so `--check-config` can say.
-Errors name the file, the key and what was expected.
+Errors name the file, the key and what was expected. The value parsers (durations,
+sizes, URLs, names) and those error messages are in harbord.config_values; their names
+are importable from here too.
 """
 
 from __future__ import annotations
 
 import getpass
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,84 +20,46 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from harbord.config_values import (
+    MODEL_RE,
+    NAME_RE,
+    ByteSize,
+    ConfigError,
+    Seconds,
+    convert,
+    enc_hook,
+    is_loopback,
+    parse_duration,
+    parse_listen,
+    parse_size,
+    parse_url,
+)
 from harbord.schemas import BackendKind, Intent, KvCacheType
 
-# Names that end up in unit names, URLs and file paths: keep them boring.
-# \Z, not $: $ also matches before a trailing newline.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-# Ollama model names: [host/][namespace/]model[:tag]
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,199}\Z")
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased for the user who has to fix it."""
-
-
-class Seconds(float):
-    """A duration: a number of seconds or a string such as "500ms", "30s", "5m", "24h"."""
-
-
-class ByteSize(int):
-    """A size: a number of bytes or a string such as "512MiB", "8GiB", "7.5GB"."""
-
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_duration(value: object) -> Seconds:
-    if isinstance(value, bool):
-        raise ValueError('expected a duration such as 30 or "30s", "5m", "24h"')
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("expected a duration >= 0")
-        return Seconds(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
-        if match:
-            return Seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
-    raise ValueError(f'expected a duration such as 30 or "30s", "5m", "24h", got {value!r}')
-
-
-def parse_size(value: object) -> ByteSize:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return ByteSize(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return ByteSize(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
-    raise ValueError(f'expected a size such as 8589934592 or "8GiB", got {value!r}')
-
-
-def _dec_hook(tp: type, obj: object) -> object:
-    if tp is Seconds:
-        return parse_duration(obj)
-    if tp is ByteSize:
-        return parse_size(obj)
-    raise NotImplementedError
-
-
-def _enc_hook(obj: object) -> object:
-    if isinstance(obj, Seconds):
-        return float(obj)
-    if isinstance(obj, ByteSize):
-        return int(obj)
-    raise NotImplementedError(type(obj))
+# What callers import from here, whichever module defines it.
+__all__ = [
+    "MODEL_RE",
+    "NAME_RE",
+    "BackendConfig",
+    "ByteSize",
+    "Config",
+    "ConfigError",
+    "FileConfig",
+    "ModelRule",
+    "Overrides",
+    "RoutingConfig",
+    "Seconds",
+    "SupervisorConfig",
+    "TcpConfig",
+    "default_backends",
+    "default_config_path",
+    "default_socket",
+    "is_loopback",
+    "load",
+    "parse_duration",
+    "parse_size",
+    "runtime_dir",
+]
 
 
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -128,9 +91,7 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.parallel == 0:
             self.parallel = 1 if self.kind == "gpu" else 2
-        if not re.match(r"^https?://[^/\s]+/?$", self.url):
-            raise ValueError(f"url: expected http://host:port, got {self.url!r}")
-        self.url = self.url.rstrip("/")
+        self.url = parse_url(self.url)
         if self.max_concurrency < 0 or self.max_queue < 0:
             raise ValueError("max_concurrency and max_queue must be >= 0")
 
@@ -238,7 +199,7 @@ class Config:
             "backends": self.backends,
             "models": self.models,
         }
-        result: dict[str, Any] = msgspec.to_builtins(values, enc_hook=_enc_hook)
+        result: dict[str, Any] = msgspec.to_builtins(values, enc_hook=enc_hook)
         return result
 
 
@@ -252,16 +213,6 @@ class Overrides:
     log_level: str | None = None
     gpu_url: str | None = None
     cpu_url: str | None = None
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
@@ -311,32 +262,6 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _validation_message(err: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
-    """Split msgspec's "<what> - at `$.a.b`" into (key, what)."""
-    text = str(err)
-    match = re.search(r" - at `\$(.*)`$", text)
-    what = text[: match.start()] if match else text
-    path = match.group(1).lstrip(".") if match else ""
-    key = ".".join(x for x in (prefix, path) if x)
-    field_match = re.match(r"Object contains unknown field `(.+)`", what)
-    if field_match:
-        key = ".".join(x for x in (key, field_match.group(1)) if x)
-        what = "unknown key"
-    elif what.startswith("Object missing required field"):
-        missing = what.split("`")[1]
-        key = ".".join(x for x in (key, missing) if x)
-        what = "required key is missing"
-    return key, what
-
-
-def _convert(raw: object, tp: type[Any], where: str, prefix: str) -> Any:
-    try:
-        return msgspec.convert(raw, tp, dec_hook=_dec_hook)
-    except msgspec.ValidationError as err:
-        key, what = _validation_message(err, prefix)
-        raise ConfigError(f"{where}: key '{key}': {what}") from None
-
-
 def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the effective configuration. Raises ConfigError."""
     overrides = overrides or Overrides()
@@ -363,7 +288,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read: {err}") from None
-    file_cfg: FileConfig = _convert(raw, FileConfig, where, "")
+    file_cfg: FileConfig = convert(raw, FileConfig, where, "")
     for key in raw:
         if not isinstance(raw[key], dict):
             sources[key] = f"file {path}"
@@ -382,7 +307,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
             raise ConfigError(f"{where}: key 'backends.{name}': expected a table")
         merged = {**defaults.get(name, {}), **table}
         merged.setdefault("unit", f"ollama-{name}@{_user()}.service")
-        backends[name] = _convert(merged, BackendConfig, where, f"backends.{name}")
+        backends[name] = convert(merged, BackendConfig, where, f"backends.{name}")
         from_file = bool(file_cfg.backends) and "url" in table
         sources[f"backends.{name}.url"] = f"file {path}" if from_file else "default"
     if not backends:
@@ -390,7 +315,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     models: dict[str, ModelRule] = {}
     for model, table in file_cfg.models.items():
-        rule: ModelRule = _convert(table, ModelRule, where, f'models."{model}"')
+        rule: ModelRule = convert(table, ModelRule, where, f'models."{model}"')
         if rule.pin is not None and rule.pin not in backends:
             raise ConfigError(
                 f"{where}: key 'models.\"{model}\".pin': expected one of {sorted(backends)}, "
@@ -412,8 +337,8 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         )
         if target is None:
             raise ConfigError(f"{source}: no backend named or of kind {name!r} to apply it to")
-        updated = {**msgspec.to_builtins(backends[target], enc_hook=_enc_hook), "url": value}
-        backends[target] = _convert(updated, BackendConfig, source, f"backends.{target}")
+        updated = {**msgspec.to_builtins(backends[target], enc_hook=enc_hook), "url": value}
+        backends[target] = convert(updated, BackendConfig, source, f"backends.{target}")
         sources[f"backends.{target}.url"] = source
 
     url_override("gpu", "OLLAMA_GPU_URL", overrides.gpu_url)
@@ -444,10 +369,11 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         raise ConfigError(f"{where}: key 'routing.hung_after_probes': expected an integer >= 1")
     listen = file_cfg.tcp.listen
     if listen:
-        match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(\d{1,5})", listen)
-        if not match or not 0 < int(match.group(2)) < 65536:
-            raise ConfigError(f"{where}: key 'tcp.listen': expected host:port, got {listen!r}")
-        if not is_loopback(match.group(1)) and not file_cfg.tcp.token_file:
+        try:
+            host = parse_listen(listen)
+        except ValueError as err:
+            raise ConfigError(f"{where}: key 'tcp.listen': {err}") from None
+        if not is_loopback(host) and not file_cfg.tcp.token_file:
             raise ConfigError(
                 f"{where}: key 'tcp.token_file': a listener on {listen} (not loopback) needs a "
                 "bearer token file"

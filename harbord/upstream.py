@@ -1,175 +1,59 @@
-"""A small HTTP/1.1 client to the backends, on raw asyncio protocols.
+"""A small HTTP/1.1 client to the backends, on raw asyncio protocols: sending a request
+(Pools.request) and reading its answer (Exchange).
 
 The relay's hop to a backend is its hottest path: this client writes the request head
 harbord builds (and a request body, whole or streamed), and hands over the answer's body
-bytes as they arrive, framed by http1.ResponseParser. Connections are kept alive per
-backend and reused only after a complete answer; `Exchange.close()` aborts an unfinished
-one at once, so the backend sees the client go away. Every failure is an UpstreamError.
+bytes as they arrive, framed by http1.ResponseParser, pausing the backend while the reader
+lags. Connections (upstream_conn) are kept alive per backend and reused only after a
+complete answer; `Exchange.close()` aborts an unfinished one at once, so the backend sees
+the client go away. Every failure is an UpstreamError (defined in upstream_conn, imported
+from here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import os
-import ssl
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import ClassVar
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
 from harbord.http1 import DONE, ParseError, ResponseParser
-from harbord.schemas import ErrorClass
+from harbord.upstream_conn import (
+    KEEPALIVE,
+    MAX_IDLE,
+    BadResponse,
+    Conn,
+    ConnectError,
+    ConnectTimeout,
+    Disconnected,
+    Pool,
+    RequestBodyError,
+    UpstreamError,
+)
 
-KEEPALIVE = 30.0  # seconds an idle connection is kept
-MAX_IDLE = 256  # idle connections kept per backend
+# What callers import from here, whichever module defines it.
+__all__ = [
+    "HIGH_WATER",
+    "KEEPALIVE",
+    "LOW_WATER",
+    "MAX_IDLE",
+    "BadResponse",
+    "Conn",
+    "ConnectError",
+    "ConnectTimeout",
+    "Disconnected",
+    "Exchange",
+    "Pool",
+    "Pools",
+    "RequestBodyError",
+    "UpstreamError",
+]
+
 HIGH_WATER = 256 * 1024  # buffered body bytes before the backend is paused
 LOW_WATER = 64 * 1024
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
-
-
-class UpstreamError(Exception):
-    """The exchange with a backend failed. One family the relay catches once: each class says
-    how the relay files it (`error_class`), and whether it was a refusal or a timeout."""
-
-    error_class: ClassVar[ErrorClass] = "network"
-    refused: ClassVar[bool] = False  # the backend refused the connection: cool it down
-    timeout: ClassVar[bool] = False
-
-
-class ConnectError(UpstreamError):
-    """The backend could not be reached (refused, unreachable, no such host)."""
-
-    refused = True
-
-    def __init__(self, err: OSError) -> None:
-        # asyncio's own loop says "Connect call failed (...)" where uvloop says the errno's text.
-        self.reason = (os.strerror(err.errno) if err.errno else err.strerror) or type(err).__name__
-        super().__init__(self.reason)
-
-
-class ConnectTimeout(UpstreamError):
-    """Connecting took longer than connect_timeout (not a TimeoutError: the relay's own
-    deadline around the answer's head raises that)."""
-
-    timeout = True
-
-
-class Disconnected(UpstreamError):
-    """The backend closed the connection before its answer was complete."""
-
-
-class BadResponse(UpstreamError):
-    """The backend's answer is not well-formed HTTP/1.1."""
-
-    error_class = "other"
-
-
-class RequestBodyError(UpstreamError):
-    """Reading the caller's streamed request body failed (the client went away, or sent more
-    or less than its Content-Length): the client's fault, not the backend's. The backend
-    connection is aborted; `__cause__` holds the body's own exception, if any."""
-
-    error_class = "client"
-
-
-class _Conn(asyncio.Protocol):
-    """One connection to a backend; `exchange` is the request it is answering, if any."""
-
-    transport: asyncio.Transport  # set by connection_made, before the connection is used
-
-    def __init__(self) -> None:
-        self.exchange: Exchange | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.write_paused = False
-        self._drain: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._wake_writer()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange._lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange._feed(data)
-        else:
-            self.transport.abort()  # bytes nobody asked for: this connection is unusable
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        waiter, self._drain = self._drain, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def drain(self) -> bool:
-        """Wait until the transport takes more bytes; False once the connection is gone."""
-        while self.write_paused and not self.closed:
-            self._drain = waiter = asyncio.get_running_loop().create_future()
-            await waiter
-        return not self.closed
-
-
-class Pool:
-    """Keep-alive connections to one backend."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host = parts.hostname or "localhost"
-        secure = parts.scheme == "https"
-        self.port = parts.port or (443 if secure else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
-        self.host_header = parts.netloc.encode()
-        self.idle: collections.deque[_Conn] = collections.deque()
-
-    async def connect(self, timeout: float) -> _Conn:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout) as deadline:
-                _, conn = await loop.create_connection(_Conn, self.host, self.port, ssl=self.ssl)
-        except TimeoutError:
-            if deadline.expired():
-                raise ConnectTimeout(f"connect timeout after {timeout:g}s") from None
-            raise
-        except OSError as err:
-            raise ConnectError(err) from err
-        return conn
-
-    def take(self) -> _Conn | None:
-        now = time.monotonic()
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE:
-                return conn
-            conn.transport.abort()
-        return None
-
-    def put(self, conn: _Conn) -> None:
-        conn.idle_since = now = time.monotonic()
-        idle = self.idle
-        idle.append(conn)
-        while idle and (len(idle) > MAX_IDLE or now - idle[0].idle_since >= KEEPALIVE):
-            idle.popleft().transport.abort()
-
-    def close(self) -> None:
-        while self.idle:
-            self.idle.pop().transport.abort()
 
 
 class Pools:
@@ -249,7 +133,7 @@ class Exchange:
     """One request's answer: its head, then its body as it arrives."""
 
     def __init__(
-        self, pool: Pool, conn: _Conn, head_only: bool, message: bytes, timeout: float, retry: bool
+        self, pool: Pool, conn: Conn, head_only: bool, message: bytes, timeout: float, retry: bool
     ) -> None:
         self.pool = pool
         self.status = 0
@@ -260,8 +144,8 @@ class Exchange:
         self._writer: asyncio.Task[None] | None = None  # streams the request body
         self._reset(conn)
 
-    def _reset(self, conn: _Conn) -> None:
-        self.conn: _Conn | None = conn
+    def _reset(self, conn: Conn) -> None:
+        self.conn: Conn | None = conn
         conn.exchange = self
         self._parser = ResponseParser(self._head_only)
         self._got_bytes = False
@@ -371,7 +255,7 @@ class Exchange:
                     await close()
 
     async def _write_body(
-        self, conn: _Conn, pieces: AsyncIterator[bytes], length: int | None
+        self, conn: Conn, pieces: AsyncIterator[bytes], length: int | None
     ) -> None:
         transport = conn.transport
         sent = 0
@@ -412,9 +296,9 @@ class Exchange:
         self._error = error
         self.close()  # aborts the backend's connection
 
-    # -- the protocol side (_Conn) ----------------------------------------------
+    # -- the protocol side (Conn) ----------------------------------------------
 
-    def _lost(self, exc: Exception | None) -> None:
+    def lost(self, exc: Exception | None) -> None:
         self.conn = None
         self._stop_body()  # nobody left to send it to
         if self._parser.eof():
@@ -428,7 +312,7 @@ class Exchange:
         self._error = BadResponse(message)
         self.close()
 
-    def _feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
         try:

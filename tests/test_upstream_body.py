@@ -204,18 +204,18 @@ async def test_streamed_body_never_reuses_or_retries(serve: Serve) -> None:
 
 async def test_pause_and_resume_writing(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
     paused: list[bool] = []
-    pause, resume = upstream._Conn.pause_writing, upstream._Conn.resume_writing
+    pause, resume = upstream.Conn.pause_writing, upstream.Conn.resume_writing
 
-    def on_pause(self: upstream._Conn) -> None:
+    def on_pause(self: upstream.Conn) -> None:
         paused.append(True)
         pause(self)
 
-    def on_resume(self: upstream._Conn) -> None:
+    def on_resume(self: upstream.Conn) -> None:
         paused.append(False)
         resume(self)
 
-    monkeypatch.setattr(upstream._Conn, "pause_writing", on_pause)
-    monkeypatch.setattr(upstream._Conn, "resume_writing", on_resume)
+    monkeypatch.setattr(upstream.Conn, "pause_writing", on_pause)
+    monkeypatch.setattr(upstream.Conn, "resume_writing", on_resume)
     go = asyncio.Event()
     piece = bytes(range(256)) * 1024  # 256 KiB
     count = 256  # 64 MiB in all

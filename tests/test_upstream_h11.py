@@ -1,6 +1,6 @@
 """harbord.upstream's parser against h11, on random well-formed and malformed answers.
 
-Each answer is fed to the real protocol (`_Conn.data_received`, fake transport) split at
+Each answer is fed to the real protocol (`Conn.data_received`, fake transport) split at
 random points, and to h11 as a client that sent the request. Both must agree: accepted
 with the same status and body, or rejected; where h11 rejects for a syntax error (not for
 an answer cut short), upstream raises BadResponse.

@@ -1,6 +1,6 @@
 """harbord.http1 through harbord.upstream: every way an answer is refused, without sockets.
 
-The answer's bytes go into the real protocol (`_Conn.data_received`) over a fake transport,
+The answer's bytes go into the real protocol (`Conn.data_received`) over a fake transport,
 so these tests also check that nothing raises out of data_received and that a refused
 answer aborts the connection.
 """
@@ -26,7 +26,7 @@ from harbord.upstream import (
 class FakeTransport(asyncio.Transport):
     """Records what the protocol does to it; abort() reports the loss as a socket would."""
 
-    def __init__(self, conn: upstream._Conn) -> None:
+    def __init__(self, conn: upstream.Conn) -> None:
         super().__init__()
         self.conn = conn
         self.aborted = False
@@ -59,7 +59,7 @@ class Fed:
 
     def __init__(self, pieces: list[bytes], head_only: bool = False, eof: bool = True) -> None:
         self.pool = upstream.Pool("http://127.0.0.1:9")
-        self.conn = upstream._Conn()
+        self.conn = upstream.Conn()
         self.transport = FakeTransport(self.conn)
         self.conn.connection_made(self.transport)
         self.exchange = upstream.Exchange(self.pool, self.conn, head_only, b"", 1, False)
