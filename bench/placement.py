@@ -371,7 +371,26 @@ def evaluate(s: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def markdown(out: dict[str, Any]) -> str:
+HISTORY_HEAD = ("| date | command | harbord/ | chat TTFT idle p50 / p95 | under the mix p50 / p95 | p95 ratio | "
+                "agent calls mix / CPU alone |")
+
+
+def history_row(out: dict[str, Any]) -> str:
+    s, v = out["phases"], out["verdict"]
+    idle, mix = s["idle"]["chat"], s["mix"]["chat"]
+    ratio = "n/a" if v["p95_ratio"] is None else f"{v['p95_ratio']:.1f}x"
+    return (f"| {out['date']} | `{out['command']}` | `{out['harbord_commit']}` | {fmt_ms(idle['ttft_p50_s'])} / "
+            f"{fmt_ms(idle['ttft_p95_s'])} | {fmt_ms(mix['ttft_p50_s'])} / {fmt_ms(mix['ttft_p95_s'])} | {ratio} | "
+            f"{v['agents_mix']} / {v['agents_cpu_alone']} |")
+
+
+def history(previous: str, out: dict[str, Any]) -> list[str]:
+    """The earlier runs' rows, kept from the previous report, and this run's row below them."""
+    rows = [line for line in previous.splitlines() if line.startswith("| 20")]
+    return ["## Runs so far", "", HISTORY_HEAD, "|---|---|---|---|---|---|---|", *rows, history_row(out)]
+
+
+def markdown(out: dict[str, Any], previous: str = "") -> str:
     s, v = out["phases"], out["verdict"]
     idle, mix, cpu = s["idle"], s["mix"], s["cpu-alone"]
 
@@ -452,6 +471,7 @@ def markdown(out: dict[str, Any]) -> str:
     ]
     if out.get("notes"):
         lines += ["", "## Notes from this run", "", *[f"- {n}" for n in out["notes"]]]
+    lines += ["", *history(previous, out)]
     return "\n".join(lines) + "\n"
 
 
@@ -477,6 +497,8 @@ def main() -> int:
     p.add_argument("--md", default=str(BENCH / "placement-results.md"), help="where the markdown report goes")
     p.add_argument("--json", default=str(BENCH / "out" / "placement-results.json"), help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the temp dir with every process's log")
+    p.add_argument("--harbord-commit", default=None,
+                   help="the commit measured, when harbord/ is not a git checkout (an exported tree)")
     args = p.parse_args()
     ensure_deps()
     if args.duration is None:
@@ -486,8 +508,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="harbord-placement-"))
     procs = Procs(tmp)
     # the commit checked out, and the last one that changed harbord/ (a bench-only commit on top changes nothing)
-    commit, harbord_commit = git("rev-parse", "--short=12", "HEAD"), git("log", "-1", "--format=%h", "--", "harbord")
-    dirty = bool(git("status", "--porcelain", "--", "harbord"))
+    commit = args.harbord_commit or git("rev-parse", "--short=12", "HEAD") or "unknown"
+    harbord_commit = args.harbord_commit or git("log", "-1", "--format=%h", "--", "harbord") or "unknown"
+    dirty = not args.harbord_commit and bool(git("status", "--porcelain", "--", "harbord"))
     t0 = time.monotonic()
     try:
         phases = asyncio.run(amain(procs, args))
@@ -520,7 +543,8 @@ def main() -> int:
             "waits behind the agent call queued before it.")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
-    Path(args.md).write_text(markdown(out))
+    md = Path(args.md)
+    md.write_text(markdown(out, md.read_text() if md.exists() else ""))
     v = out["verdict"]
     print(f"chat TTFT p95 idle {fmt_ms(phases['idle']['chat']['ttft_p95_s'])} -> mix "
           f"{fmt_ms(phases['mix']['chat']['ttft_p95_s'])} ({v['p95_ratio'] or 0:.1f}x, target <= {P95_LIMIT}x: "
