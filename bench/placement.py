@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,9 @@ async def start_harbord(procs: Procs, name: str, backends: dict[str, int], vram_
                 async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s, \
                         s.get("http://harbord/harbor/status") as resp:
                     status = await resp.json()
-                if all(b["health"] == "up" for b in status["backends"]):
+                # an early answer may be an error document (still starting): wait for the real status
+                backends_seen = status.get("backends") if isinstance(status, dict) else None
+                if backends_seen and all(b.get("health") == "up" for b in backends_seen):
                     return sock
         await asyncio.sleep(0.1)
     raise RuntimeError(f"harbord did not come up with every backend up:\n{log_tail(procs.tmp / f'{name}.log')}")
@@ -483,7 +485,10 @@ async def amain(procs: Procs, args: argparse.Namespace) -> dict[str, dict[str, A
     plan = [("idle", ("gpu", "cpu"), True, 0), ("mix", ("gpu", "cpu"), True, AGENTS),
             ("cpu-alone", ("cpu",), False, AGENTS)]
     for name, kinds, chat, agents in plan:
-        phases[name] = summarize(await phase(procs, name, args, kinds=kinds, chat=chat, agents=agents))
+        res = await phase(procs, name, args, kinds=kinds, chat=chat, agents=agents)
+        # every call too, in the JSON only: which backend served which request, and when
+        phases[name] = {**summarize(res), "chat_calls": [asdict(c) for c in res.chats],
+                        "agent_calls": [asdict(c) for c in res.agent_calls]}
     return phases
 
 
