@@ -198,6 +198,9 @@ class Prober:
             models = {normalize_model(m.name): m.size for m in tags.models or ()}
             self.model_facts.invalidate(models)
         backend.set_inventory(models, list(ps.models or ()) if ps is not None else None)
+        for model in models or ():
+            # Known before the first request for it, so that one is placed by memory too.
+            self.model_facts.want(model, [backend])
 
 
 def _os_reason(err: aiohttp.ClientConnectorError) -> str:

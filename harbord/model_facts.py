@@ -1,10 +1,11 @@
 """The models' shapes for the KV-cache estimate: `/api/show`'s `model_info`, cached.
 
-A plan never waits for these: the first request for a model plans without its
-facts (memory.estimate then leaves the KV cache out) and asks for them here; a
-background task fetches them from a backend that lists the model, and every later
-plan has them. An entry is forgotten when the model's size in the inventory
-changes (pulled anew), and a failed fetch is retried after `retry_after`.
+A plan never waits for these. They are fetched in the background as soon as a
+backend's inventory lists the model (a few at a time), so a model is usually known
+before its first request; a plan that still finds a model unknown (just pulled)
+goes without (memory.estimate then leaves the KV cache out) and asks for it here.
+An entry is forgotten when the model's size in the inventory changes (pulled
+anew), and a failed fetch is retried after `retry_after`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SHOW_TIMEOUT = 10.0
 RETRY_AFTER = 60.0
+CONCURRENT_FETCHES = 4
 
 
 class Show(msgspec.Struct):
@@ -57,6 +59,8 @@ class ModelFactsCache:
         self._sizes: dict[str, int] = {}
         self._failed: dict[str, float] = {}  # model -> monotonic time of the failure
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # A model store of many models is read a few at a time, not all at once.
+        self._slots: asyncio.Semaphore | None = None
 
     def want(self, model: str, backends: Iterable[Backend]) -> asyncio.Task[None] | None:
         """Fetch the model's facts in the background unless known or on their way.
@@ -85,6 +89,12 @@ class ModelFactsCache:
                 del self._tasks[model]
 
     async def _fetch(self, model: str, url: str, size: int) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(CONCURRENT_FETCHES)
+        async with self._slots:
+            await self._fetch_now(model, url, size)
+
+    async def _fetch_now(self, model: str, url: str, size: int) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with self.session.post(

@@ -39,6 +39,9 @@ ModelSpec = Mapping[str, int | float | None] | Iterable[str | tuple[str, int | f
 _live: set[FakeOllama] = set()
 _live_lock = threading.Lock()
 
+# harbord reads each listed model's /api/show in the background (model_facts.py).
+HARBORD_OWN_READ = "/api/show"
+
 
 class FakeOllamaError(RuntimeError):
     """The fake server did not start, or a control call failed."""
@@ -293,11 +296,17 @@ class FakeOllama:
         return result
 
     def requests(self, path: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """The request log, oldest first, optionally filtered by path and state."""
+        """The request log, oldest first, optionally filtered by path and state.
+
+        Without a path, harbord's own background reads of /api/show (the models'
+        shapes, fetched when an inventory lists them) are left out: they are not
+        requests a client made. Ask for path="/api/show" to see them."""
         query = "&".join(f"{k}={v}" for k, v in (("path", path), ("state", state)) if v is not None)
         result: list[dict[str, Any]] = self._call(
             "GET", "/_fake/requests" + (f"?{query}" if query else "")
         )
+        if path is None:
+            return [r for r in result if r.get("path") != HARBORD_OWN_READ]
         return result
 
     def clear_requests(self) -> None:

@@ -67,8 +67,11 @@ class Fake:
         self.fake.set_faults(faults)
 
     def requests(self, path: str | None = None) -> list[Record]:
-        """The fake's log of model-endpoint requests, oldest first."""
-        return [r for r in self.fake.log if path is None or r.path == path]
+        """The fake's log of model-endpoint requests, oldest first; without a path,
+        harbord's own background reads of /api/show (model_facts.py) left out."""
+        if path is None:
+            return [r for r in self.fake.log if r.path != "/api/show"]
+        return [r for r in self.fake.log if r.path == path]
 
     def states(self, path: str = "/api/chat") -> list[str]:
         return [r.state for r in self.requests(path)]
