@@ -83,7 +83,8 @@ def ensure_deps() -> None:
         import msgspec  # noqa: F401
     except ImportError:
         for py in (ROOT / ".venv" / "bin" / "python", BENCH / ".venv" / "bin" / "python"):
-            if py.exists() and Path(sys.executable).resolve() != py.resolve():
+            # A venv's python is a symlink to the base one: tell them apart by sys.prefix.
+            if py.exists() and Path(sys.prefix).resolve() != py.parent.parent.resolve():
                 os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
         sys.exit("bench/placement.py needs aiohttp and msgspec: make the project's venv (python3 -m venv .venv "
                  "&& .venv/bin/pip install -e .) or run python3 bench/run.py --only placement")
