@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -34,6 +35,8 @@ from harbord.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+PS_REREAD = 10.0  # seconds before an answer for the same model asks /api/ps again
 
 # The view's fields but the load's (in_flight, queued), which `Backend.view` refreshes.
 _KEPT_FIELDS = tuple(f.name for f in fields(BackendView) if f.name not in ("in_flight", "queued"))
@@ -119,6 +122,7 @@ class Backend:
         self.probe_timeouts = 0  # consecutive probes that timed out
         self.models: dict[str, int] | None = None
         self.loaded: list[PsModel] = []
+        self._ps_asked: dict[str, float] = {}  # model -> monotonic time of its last ps read
         self.inventory_at = 0.0
         self.in_flight = 0
         self.served = 0
@@ -315,9 +319,18 @@ class Backend:
             self.changed()
 
     def is_loaded(self, model: str) -> bool:
-        """Whether the last /api/ps read showed `model` loaded here (a normalised name);
-        an answer for a model that was not is a load: the relay calls Prober.after_load."""
+        """Whether the last /api/ps read showed `model` loaded here (a normalised name)."""
         return any(normalize_model(entry.name) == model for entry in self.loaded)
+
+    def answer_loaded(self, model: str, now: float) -> bool:
+        """Whether an answer for `model` just now was a load worth an /api/ps read (the
+        relay then calls Prober.after_load): the last read did not show it loaded, and
+        it was not asked about in the last PS_REREAD seconds. Without that bound, a model
+        /api/ps never lists (unloaded at once, keep_alive 0) costs a read per answer."""
+        if self.is_loaded(model) or now - self._ps_asked.get(model, -math.inf) < PS_REREAD:
+            return False
+        self._ps_asked[model] = now
+        return True
 
     def set_loaded(self, loaded: list[PsModel]) -> None:
         """What /api/ps shows loaded now (Prober.after_load): spills are learned at once."""

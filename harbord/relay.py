@@ -250,8 +250,9 @@ class Relay:
         model = plan.model if plan is not None else None
         if model is None or decision.path in _NOT_A_LOAD:
             return
-        backend.record_service(model, (time.monotonic() - sent_at) * 1000)
-        if not backend.is_loaded(model):
+        now = time.monotonic()
+        backend.record_service(model, (now - sent_at) * 1000)
+        if backend.answer_loaded(model, now):
             self.harbor.prober.after_load(backend)
 
     def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:

@@ -130,6 +130,16 @@ def test_service_times_are_a_moving_average_the_view_sees_live() -> None:
     assert backend.status().service_ms == {"llama3.2:latest": 1300.0}
 
 
+def test_an_answer_is_a_load_worth_a_ps_read_once_per_model_and_interval() -> None:
+    backend = gpu()
+    assert backend.answer_loaded(MODEL, now=100.0)  # not in the last /api/ps: read it
+    assert not backend.answer_loaded(MODEL, now=101.0)  # asked a second ago
+    assert backend.answer_loaded("other:latest", now=101.0)  # another model: its own bound
+    assert backend.answer_loaded(MODEL, now=111.0)  # still not listed, 11 s later
+    backend.set_inventory({MODEL: SIZE}, [PsModel(MODEL, size=SIZE, size_vram=SIZE)])
+    assert not backend.answer_loaded(MODEL, now=200.0)  # loaded: nothing to learn
+
+
 def test_a_spill_in_api_ps_is_learned_with_its_context_and_shows_the_budget() -> None:
     backend = gpu()
     spilled = PsModel(MODEL, size=12 * GIB, size_vram=7 * GIB, context_length=65536)
