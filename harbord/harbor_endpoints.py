@@ -21,7 +21,6 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import quote
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from harbord.schemas import (
     Affinity,
@@ -42,6 +41,11 @@ Param = str | int | float | None
 JSON = "application/json"
 # aiohttp's path parameters: {name}, or {name:regex} for one that may hold a '/'.
 _PATH_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
+
+try:  # the daemon serves the text format of the prometheus_client it renders with
+    from prometheus_client import CONTENT_TYPE_LATEST as METRICS_TYPE
+except ImportError:  # harborctl alone (a package build making completions) needs none
+    METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Unpinned(msgspec.Struct):
@@ -134,7 +138,7 @@ class Endpoint(Generic[Body, Answer]):
 
 
 METRICS: Endpoint[None, str] = Endpoint(
-    "metrics", "GET", "/metrics", str, content_type=CONTENT_TYPE_LATEST
+    "metrics", "GET", "/metrics", str, content_type=METRICS_TYPE
 )
 STATUS: Endpoint[None, Status] = Endpoint("status", "GET", "/harbor/status", Status)
 # Per-backend health in the seed's shape.

@@ -180,3 +180,26 @@ def test_without_shtab_bash_says_how_to_get_it_and_fish_still_works(
     assert "pip install 'harbord[completion]'" in err and "python3-shtab" in err
     assert main(["completion", "fish"]) == 0
     assert "complete -c harborctl" in capsys.readouterr().out
+
+
+# What a package build root has when it makes the completion scripts: harborctl's own
+# needs (httpx, msgspec, shtab), none of the daemon's server side.
+_SERVER_ONLY = """
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"aiohttp", "prometheus_client", "multidict", "sdnotify",
+                                  "uvloop", "yarl"}:
+            raise ImportError(f"{name} is not in a build root")
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["harborctl", "completion", "bash"]
+runpy.run_module("harbord.ctl.main", run_name="__main__")
+"""
+
+
+def test_completions_are_made_without_the_daemons_server_packages() -> None:
+    made = subprocess.run(
+        [sys.executable, "-c", _SERVER_ONLY], capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "complete" in made.stdout and "harborctl" in made.stdout
