@@ -105,9 +105,9 @@ async def relay_stream(
     pending = unfinished_line(first)
     sent = first[: len(first) - len(pending)]
     await response.write(sent)
-    tail = sent[-2:]  # the end of what the client has, to start an error on a fresh line
-    # The last two writes, for the Responses API's next sequence number: the last may be
-    # an `event:` line alone, the last sequence number in the write before it.
+    # The last two writes: where an error must start a fresh line, and the Responses
+    # API's next sequence number (the last write may be an `event:` line alone, the last
+    # sequence number in the write before it). Every write is a whole line, never empty.
     earlier, last = b"", sent
     loop = asyncio.get_running_loop()
     read_chunk = upstream.read_chunk
@@ -134,7 +134,6 @@ async def relay_stream(
                 if len(pending) < len(chunk):
                     whole = chunk[: len(chunk) - len(pending)]
                     await response.write(whole)  # a client that left raises here
-                    tail = (tail + whole)[-2:]
                     if b'"error"' in whole:  # a memchr per chunk, and only then a look
                         backend_error = error_in_lines(whole) or backend_error
                     earlier, last = last, whole
@@ -148,9 +147,11 @@ async def relay_stream(
         failure = "network", f"{backend_name} broke off the stream ({type(err).__name__})"
     if failure is not None:
         sse = upstream.content_type == "text/event-stream"
-        fresh = b"" if tail.endswith(b"\n\n" if sse else b"\n") or not tail else b"\n"
+        sent_last = earlier + last
+        ends = b"\n\n" if sse else b"\n"
+        fresh = b"" if not sent_last or sent_last.endswith(ends) else b"\n"
         family = family_of(request.path)
-        sequence = next_sequence_number(earlier + last) if family == "responses" else 0
+        sequence = next_sequence_number(sent_last) if family == "responses" else 0
         await response.write(fresh + stream_error(failure[1], family, sse, sequence))
     await response.write_eof()
     return response, failure or backend_error
