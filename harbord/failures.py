@@ -78,7 +78,7 @@ def verdict(
     backend is its own answer (a path harbord does not know: its 404 is the backend's)."""
     headers = {"X-Harbor-Request-Id": request_id}
     if not failures:
-        raise Problem(503, _none_reachable(tried), {**headers, "Retry-After": "5"})
+        raise Problem(503, none_reachable(tried), {**headers, "Retry-After": "5"})
     headers["X-Harbor-Fallbacks"] = fallbacks_header(failures)
     name, last = failures[-1]
     own = last.error_class == "client" or (answer_as_is and (last.status or 500) < 500)
@@ -106,7 +106,8 @@ def verdict(
     raise Problem(status, summary, headers)
 
 
-def _none_reachable(tried: list[tuple[str, str]]) -> str:
+def none_reachable(tried: list[tuple[str, str]]) -> str:
+    """harbord's 503 message when none of `tried` (backend, URL) could be reached."""
     if not tried:
         return "no backend available"
     where = ", ".join(f"{name} at {url}" for name, url in tried)

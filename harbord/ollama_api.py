@@ -21,7 +21,7 @@ from aiohttp import web
 from harbord.backends import Backend
 from harbord.config import MODEL_RE
 from harbord.errors import Problem
-from harbord.failures import START_HINT
+from harbord.failures import none_reachable
 from harbord.harbor import HARBOR, Harbor
 from harbord.ledger import Ledger, accounted
 from harbord.policy import normalize_model
@@ -64,10 +64,8 @@ async def _gather(harbor: Harbor, path: str) -> list[tuple[Backend, Any]]:
 
 
 def _no_backend(harbor: Harbor) -> Problem:
-    where = ", ".join(f"{b.name} at {b.config.url}" for b in harbor.backends.values())
-    return Problem(
-        503, f"no backend available: {where} cannot be reached; {START_HINT}", {"Retry-After": "5"}
-    )
+    tried = [(b.name, b.config.url) for b in harbor.backends.values()]
+    return Problem(503, none_reachable(tried), {"Retry-After": "5"})
 
 
 async def root(request: web.Request) -> web.StreamResponse:
