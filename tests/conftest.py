@@ -1,7 +1,11 @@
-"""Fixtures for the in-process tests of harbord (tests/inproc.py has the helpers)."""
+"""Shared fixtures: the in-process stacks (tests/inproc.py has the helpers), and a
+second Unix user for the tests of who may reach harbord."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -45,3 +49,23 @@ async def make_stack(
 async def stack(make_stack: StackFactory) -> Stack:
     """A gpu and a cpu fake behind a harbor with default backend settings."""
     return await make_stack()
+
+
+OTHER_USER = "harbor-test-other"
+
+
+@pytest.fixture(scope="session")
+def other_user() -> str:
+    """A second Unix user; creating one needs root (CI runs as root)."""
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            if os.environ.get("CI"):
+                pytest.fail("the second-user test needs root in CI")
+            pytest.skip("creating a second user needs root")
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+            check=True,
+        )
+    return OTHER_USER

@@ -11,8 +11,6 @@ Newer anthropic and openai SDKs bring their own httpx fork and refuse a plain
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -343,24 +341,6 @@ def test_curl_pass_through_of_an_unknown_path_without_a_model(
 
 # --- pass-through keeps who may reach harbord -------------------------------------------------
 
-OTHER_USER = "harbor-test-other"  # the second user of tests/test_security.py
-
-
-@pytest.fixture(scope="module")
-def other_user() -> str:
-    """A second Unix user; creating one needs root (CI runs as root)."""
-    try:
-        pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                pytest.fail("the second-user test needs root in CI")
-            pytest.skip("creating a second user needs root")
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
-            check=True,
-        )
-    return OTHER_USER
 
 
 def test_pass_through_keeps_the_peer_check_and_the_token(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -18,25 +17,6 @@ import pytest
 
 from tests.fakeproc import FakeOllama, free_port
 from tests.harness import Harbord, gpu_cpu
-
-OTHER_USER = "harbor-test-other"
-
-
-@pytest.fixture(scope="module")
-def other_user() -> str:
-    """A second Unix user; creating one needs root (CI runs as root)."""
-    try:
-        pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            if os.environ.get("CI"):
-                pytest.fail("the second-user test needs root in CI")
-            pytest.skip("creating a second user needs root")
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
-            check=True,
-        )
-    return OTHER_USER
 
 
 @pytest.fixture
