@@ -40,21 +40,14 @@ def _reachable(harbor: Harbor) -> list[Backend]:
 
 async def _fetch(harbor: Harbor, backend: Backend, path: str) -> Any:
     config = backend.config
-    exchange = None
     try:
         async with asyncio.timeout(FETCH_TIMEOUT):
-            exchange = await harbor.upstreams.request(
-                config.url, "GET", path, (), b"", config.connect_timeout
+            exchange, body = await harbor.upstreams.answer(
+                config.url, "GET", path, (), b"", config.connect_timeout, MAX_ANSWER
             )
-            await exchange.response_head()
-            if exchange.status != 200:
-                return None
-            return msgspec.json.decode(await exchange.read_body(MAX_ANSWER))
+        return msgspec.json.decode(body) if exchange.status == 200 else None
     except (UpstreamError, TimeoutError, *UNDECODABLE):
         return None
-    finally:
-        if exchange is not None:
-            exchange.close()
 
 
 async def _gather(harbor: Harbor, path: str) -> list[tuple[Backend, Any]]:

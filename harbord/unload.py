@@ -158,20 +158,18 @@ async def _unload_one(
     """(content type, answer) from one backend, or its failure; and how long it took, ms."""
     config = backend.config
     started = time.monotonic()
-    exchange = None
     outcome: tuple[str, bytes] | Failure
     try:
         async with asyncio.timeout(UNLOAD_TIMEOUT):
-            exchange = await harbor.upstreams.request(
+            exchange, answer = await harbor.upstreams.answer(
                 config.url,
                 "POST",
                 request.path_qs,
                 upstream_headers(request.headers).items(),
                 body,
                 config.connect_timeout,
+                fail.MAX_ERROR_BODY,
             )
-            await exchange.response_head()
-            answer = await exchange.read_body(fail.MAX_ERROR_BODY)
         if exchange.status >= 400:
             outcome = fail.from_answer(exchange.status, answer, exchange.content_type)
         else:
@@ -182,9 +180,6 @@ async def _unload_one(
         )
     except UpstreamError as err:
         outcome = fail.from_error(backend.name, err, config.connect_timeout)
-    finally:
-        if exchange is not None:
-            exchange.close()
     if isinstance(outcome, Failure) and outcome.status is None:  # no answer: the backend's
         backend.record_failure(outcome.error_class, outcome.text, refused=outcome.refused)
     return outcome, round((time.monotonic() - started) * 1000, 3)

@@ -119,6 +119,26 @@ class Pools:
         exchange._start_body(body, content_length)
         return exchange
 
+    async def answer(
+        self,
+        url: str,
+        method: str,
+        path_qs: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        connect_timeout: float,
+        limit: int,
+    ) -> tuple[Exchange, bytes]:
+        """One request whose answer is wanted whole (its first `limit` bytes), not relayed:
+        the exchange (status, headers) and the body; the connection is pooled again or,
+        when the answer was cut short or left unread, closed."""
+        exchange = await self.request(url, method, path_qs, headers, body, connect_timeout)
+        try:
+            await exchange.response_head()
+            return exchange, await exchange.read_body(limit)
+        finally:
+            exchange.close()
+
     def keep(self, urls: set[str]) -> None:
         """Close the pools of backends no longer configured (a reload changed their URL)."""
         for url in [u for u in self.pools if u not in urls]:
