@@ -3,6 +3,7 @@ second Unix user for the tests of who may reach harbord."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import subprocess
@@ -20,6 +21,7 @@ from tests.inproc import (
     assert_no_tasks_left,
     start_stack,
 )
+from tests.scripted_server import Handler, Serve, Server
 
 
 @pytest.fixture
@@ -69,3 +71,20 @@ def other_user() -> str:
             check=True,
         )
     return OTHER_USER
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """serve(handler): a scripted backend on loopback (tests/scripted_server.py)."""
+    servers: list[Server] = []
+
+    async def start(handler: Handler) -> Server:
+        server = Server(handler)
+        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        assert server.server is not None
+        server.server.close()

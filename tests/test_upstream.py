@@ -4,68 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from harbord import upstream
 from harbord.upstream import ConnectError, Disconnected, Pools
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await reader.readexactly(length)
+from tests.scripted_server import Serve, read_request
 
 
-class Server:
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.closed = asyncio.Event()
-        self.server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await self.handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
-    servers: list[Server] = []
-
-    async def start(handler: Handler) -> Server:
-        server = Server(handler)
-        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        assert server.server is not None
-        server.server.close()
-
-
-async def test_content_length_and_keep_alive(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_content_length_and_keep_alive(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            head, body = await _read_request(reader)
+            head, body = await read_request(reader)
             assert head.startswith(b"POST /api/x?a=1 HTTP/1.1\r\nHost: 127.0.0.1:")
             assert b"\r\nX-Test: v\r\n" in head
             answer = b'{"got":"' + body + b'"}'
@@ -86,7 +36,7 @@ async def test_content_length_and_keep_alive(serve: Callable[[Handler], Awaitabl
     pools.close()
 
 
-async def test_chunked_in_pieces(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_chunked_in_pieces(serve: Serve) -> None:
     payload = b"".join(b'{"n":%d}\n' % i for i in range(50))
     wire = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
     wire += b"Transfer-Encoding: chunked\r\n\r\n"
@@ -97,7 +47,7 @@ async def test_chunked_in_pieces(serve: Callable[[Handler], Awaitable[Server]]) 
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await _read_request(reader)
+            await read_request(reader)
             for i in range(0, len(wire), 5):
                 writer.write(wire[i : i + 5])
                 await writer.drain()
@@ -116,14 +66,12 @@ async def test_chunked_in_pieces(serve: Callable[[Handler], Awaitable[Server]]) 
     assert server.connections == 1
 
 
-async def test_flow_control(
-    serve: Callable[[Handler], Awaitable[Server]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_flow_control(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream, "HIGH_WATER", 1024)
     payload = bytes(range(256)) * 4096
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
         writer.write(payload)
         await writer.drain()
@@ -139,9 +87,9 @@ async def test_flow_control(
     assert got == payload
 
 
-async def test_cut_mid_answer(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_cut_mid_answer(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         await writer.drain()
 
@@ -153,9 +101,9 @@ async def test_cut_mid_answer(serve: Callable[[Handler], Awaitable[Server]]) -> 
         await ex.read_chunk()
 
 
-async def test_close_aborts(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_close_aborts(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         await writer.drain()
         assert await reader.read() == b""  # the client went away
@@ -167,11 +115,11 @@ async def test_close_aborts(serve: Callable[[Handler], Awaitable[Server]]) -> No
     await asyncio.wait_for(server.closed.wait(), 2)
 
 
-async def test_head_and_204(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_head_and_204(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
     server = await serve(handler)
@@ -194,9 +142,9 @@ async def test_refused() -> None:
     assert info.value.reason == "Connection refused"
 
 
-async def test_keep_closes_dropped_pools(serve: Callable[[Handler], Awaitable[Server]]) -> None:
+async def test_keep_closes_dropped_pools(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         assert await reader.read() == b""  # the idle connection is closed
 

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from harbord import upstream
 from harbord.upstream import Disconnected, Pools, RequestBodyError
-from tests.test_upstream import Handler, Server, _read_request
-
-Serve = Callable[[Handler], Awaitable[Server]]
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    servers: list[Server] = []
-
-    async def start(handler: Handler) -> Server:
-        server = Server(handler)
-        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        assert server.server is not None
-        server.server.close()
+from tests.scripted_server import Serve, read_request
 
 
 async def read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -74,7 +56,7 @@ async def test_chunked_upload(serve: Serve) -> None:
         assert b"\r\nTransfer-Encoding: chunked\r\n" in head and b"Content-Length" not in head
         seen.append(await read_chunked(reader))
         writer.write(answer(b"got %d" % len(seen[0])))
-        head, _ = await _read_request(reader)  # the connection is reused afterwards
+        head, _ = await read_request(reader)  # the connection is reused afterwards
         writer.write(answer(b"again"))
         await reader.read()
 
@@ -95,7 +77,7 @@ async def test_chunked_upload(serve: Serve) -> None:
 
 async def test_content_length_upload(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head, body = await _read_request(reader)
+        head, body = await read_request(reader)
         assert b"Transfer-Encoding" not in head
         writer.write(answer(body[::-1]))
         await reader.read()
