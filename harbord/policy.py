@@ -5,25 +5,11 @@ intent and context, a snapshot of each backend (health, inventory, memory, load)
 pins, affinity, the per-model rules, the models' shapes and the clock. The result
 is data (`Plan`), so `harborctl route` shows exactly what a real request would do.
 
-Order of precedence, strongest first (each is one element of the sort key; the
-first element on which the first step beats the second is `Plan.rule`):
-  1. cooling down (a refused connection): out of the plan until the prober
-     sees the backend again;
-  2. health: a backend that is down goes to the end, a degraded one after the
-     healthy ones;
-  3. inventory: a backend whose model list lacks the model goes to the end;
-  4. pin (state, else the model's configured pin);
-  5. memory: a GPU backend where the model would not fit goes after the CPU
-     backends (`fast` included): its size over `max_model_size`/`vram`, or
-     weights + KV cache at the request's context over the GPU's memory budget;
-  6. spill: a GPU backend where Ollama spilled the model to system RAM (now, or
-     before at this context or a smaller one) goes after the CPU backends;
-  7. busy spill (`fast` only): when the first GPU backend is saturated, a CPU
-     backend that has the model goes first if it is expected to finish sooner;
-  8. intent: `fast` prefers GPU backends, `heavy` CPU backends;
-  9. affinity: among backends equal on all of the above, the one that served the
-     model last, until `affinity_ttl` after that answer;
- 10. the order of the backends in the configuration.
+The rules, strongest first, are named functions in `rules.RULES` (health,
+inventory, pin, memory, spill, residency, busy-spill, intent, affinity, order);
+each writes one element of a backend's sort key, and the first element on which
+the first step beats the second is `Plan.rule`. A backend cooling down after a
+refused connection is left out of the plan until the prober sees it again.
 """
 
 from __future__ import annotations
@@ -38,17 +24,16 @@ from harbord.memory import (
     ALLOWANCE,
     KV_BYTES_PER_ELEMENT,
     OLLAMA_DEFAULT_CONTEXT,
-    format_context,
-    format_gb,
-    format_gib,
     kv_elements_per_token,
 )
-from harbord.queueing import expected_finish_ms
+from harbord.residency import OLLAMA_DEFAULT_MAX_LOADED, Resident, Usage
+from harbord.rules import RULES, Candidate, Request
 from harbord.schemas import (
     INTENTS,
     Affinity,
     BackendEstimate,
     BackendKind,
+    CapacitySource,
     Health,
     Intent,
     KvCacheType,
@@ -89,6 +74,13 @@ class BackendView:
     service_ms: Mapping[str, float] = field(default_factory=dict)
     # Model name -> the smallest context it spilled at here (memory.update_spills).
     spilled_contexts: Mapping[str, int] = field(default_factory=dict)
+    # Residency (issue 16): what is loaded here now (None: not known yet, and the
+    # residency rule stays out), how many models the backend holds at once, and the
+    # learned load time per model, ms (residency.py).
+    resident: Mapping[str, Resident] | None = None
+    capacity: int = OLLAMA_DEFAULT_MAX_LOADED
+    capacity_source: CapacitySource = "default"
+    load_ms: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,28 +115,8 @@ def resolve_intent(
     return default, "default"
 
 
-# The sort key's elements, in order, named by the rule each one is.
-_RULES: tuple[PlacementRule, ...] = (
-    "health",
-    "inventory",
-    "pin",
-    "memory",
-    "spill",
-    "busy-spill",
-    "intent",
-    "affinity",
-    "order",
-)
-_BUSY = 5  # the key's busy-spill element
 _NO_FACTS: Mapping[str, ModelFacts] = MappingProxyType({})
-_NO_LOAD: tuple[None, None] = (None, None)
-
-
-_HEALTH_RANK: Mapping[str, int] = MappingProxyType({"down": 2, "degraded": 1})
-# One backend on its way into the plan: (sort key, step, view, context, bytes needed).
-# The key ends with the backend's index, so no two keys are equal and the sort
-# never compares the rest.
-_Ranked = tuple[tuple[int, ...], PlanStep, BackendView, int, int | None]
+_NO_USAGE: Mapping[str, Usage] = MappingProxyType({})
 
 
 def plan(
@@ -159,6 +131,7 @@ def plan(
     model_facts: Mapping[str, ModelFacts] = _NO_FACTS,
     affinity_ttl: float = 300.0,
     cpu_slowdown: float = 6.0,
+    usage: Mapping[str, Usage] = _NO_USAGE,
 ) -> Plan:
     model = normalize_model(request.model) if request.model else None
     rule = (rules.get(request.model) or rules.get(model)) if request.model and model else None
@@ -174,20 +147,7 @@ def plan(
             pin_backend, pin_reason = rule.pin, "pinned here by the model's configuration"
 
     if request.forced_backend is not None:
-        for view in backends:
-            if view.name == request.forced_backend:
-                return Plan(
-                    model=model,
-                    intent=intent,
-                    intent_source=intent_source,
-                    steps=[PlanStep(view.name, ["forced by X-Harbor-Backend; no fallback"])],
-                    forced=True,
-                    rule="forced",
-                    pinned=pin_backend,
-                    num_ctx=request.num_ctx,
-                )
-        names = ", ".join(v.name for v in backends)
-        raise PolicyError(f"unknown backend {request.forced_backend!r}; expected one of: {names}")
+        return _forced(request, backends, model, intent, intent_source, pin_backend)
 
     affine = affinity.get(model) if model is not None else None
     if affine is not None and affinity_expired(affine, now, affinity_ttl):
@@ -201,25 +161,25 @@ def plan(
     kv_per_token = kv_elements_per_token(facts) if facts is not None else 0
     max_ctx = facts.context_length if facts is not None else 0
 
-    preferred_kind: BackendKind = "gpu" if intent == "fast" else "cpu"
-    notes: list[str] = []
-    ranked: list[_Ranked] = []
+    req = Request(
+        model=model,
+        intent=intent,
+        preferred="gpu" if intent == "fast" else "cpu",
+        pin_backend=pin_backend,
+        pin_reason=pin_reason,
+        affine=affine,
+        size=size,
+        now=now,
+        cpu_slowdown=cpu_slowdown,
+        usage=usage,
+        notes=[],
+    )
+    candidates: list[Candidate] = []
     excluded: list[PlanStep] = []
     for index, view in enumerate(backends):
         if view.cooldown:
             excluded.append(PlanStep(view.name, ["cooling down after a refused connection"]))
             continue
-        reasons: list[str] = []
-        health_rank = _HEALTH_RANK.get(view.health, 0)
-        if health_rank:
-            reasons.append(f"backend is {view.health}: moved back")
-        missing = 0
-        if model is not None and view.models is not None and model not in view.models:
-            missing = 1
-            reasons.append("model not in this backend's list: moved back")
-        pinned = 0 if view.name == pin_backend else 1
-        if not pinned:
-            reasons.append(pin_reason)
         # Ollama caps the context at the model's trained length (memory.effective_context).
         ctx = request.num_ctx or view.default_context
         if 0 < max_ctx < ctx:
@@ -228,142 +188,156 @@ def plan(
         if size:  # memory.estimate, inlined: this loop is on every request's path
             kv_bytes = KV_BYTES_PER_ELEMENT[view.kv_cache_type]
             needs = size + int(kv_per_token * ctx * view.parallel * kv_bytes) + ALLOWANCE
-        memory = spill = 0
-        if model is not None and view.kind == "gpu" and pinned:
-            budget = view.budget
-            if size and view.memory_limit and size > view.memory_limit:
-                memory = 1
-                reasons.append(
-                    f"model size {format_gb(size)} exceeds the {format_gb(view.memory_limit)} "
-                    "limit: after CPU backends"
-                )
-                notes.append(f"{model} is too large for {view.name}")
-            elif needs is not None and budget is not None and needs > budget.bytes:
-                memory = 1
-                context = format_context(ctx)
-                reasons.append(
-                    f"needs {format_gb(needs)} at {context} context, {view.name} has "
-                    f"{format_gib(budget.bytes)} ({budget.source}): after CPU backends"
-                )
-                notes.append(f"{model} at {context} context does not fit {view.name}")
-            spilled = view.spilled.get(model) if view.spilled else None
-            spilled_at = view.spilled_contexts.get(model) if view.spilled_contexts else None
-            if spilled is not None:
-                spill = 1
-                reasons.append(
-                    f"memory pressure: only {format_gb(spilled[1])} of {format_gb(spilled[0])} "
-                    "in VRAM: after CPU backends"
-                )
-                notes.append(f"memory pressure on {view.name} for {model}")
-            elif spilled_at is not None and ctx >= spilled_at:
-                spill = 1
-                reasons.append(
-                    f"spilled to system RAM here at {format_context(spilled_at)} context, this "
-                    f"request needs {format_context(ctx)}: after CPU backends"
-                )
-                notes.append(f"{model} spilled on {view.name} at {format_context(spilled_at)}")
-        kind_rank = 0 if view.kind == preferred_kind else 1
-        reasons.append(
-            f"{intent} intent prefers {preferred_kind}"
-            if kind_rank == 0
-            else f"{view.kind} fallback"
-        )
-        affine_rank = 1
-        if affine is not None and affine.backend == view.name:
-            affine_rank = 0
-            reasons.append("affinity: served this model last")
-        key = (health_rank, missing, pinned, memory, spill, 0, kind_rank, affine_rank, index)
-        ranked.append((key, PlanStep(view.name, reasons), view, ctx, needs))
+        candidates.append(Candidate(view, index, PlanStep(view.name, []), ctx, needs))
 
-    ranked.sort()
-    load: dict[str, tuple[float, float]] = {}
-    top = ranked[0][2] if ranked else None
-    if top is not None and top.in_flight >= top.parallel and intent == "fast" and model:
-        _busy_spill(ranked, model, cpu_slowdown, notes, load)
+    for _, rank in RULES:
+        for cand, value in zip(candidates, rank(req, candidates), strict=True):
+            cand.key.append(value)
+    candidates.sort(key=lambda c: c.key)
 
     return Plan(
         model=model,
         intent=intent,
         intent_source=intent_source,
-        steps=[item[1] for item in ranked],
+        steps=[c.step for c in candidates],
         excluded=excluded,
-        notes=notes,
-        rule=_deciding_rule(ranked, excluded),
+        notes=req.notes,
+        rule=_deciding_rule(candidates, excluded),
         pinned=pin_backend,
         num_ctx=request.num_ctx,
-        estimates=[_estimate_of(item, load) for item in ranked],
+        estimates=[_estimate_of(c) for c in candidates],
     )
 
 
-def _busy_spill(
-    ranked: list[_Ranked],
-    model: str,
-    cpu_slowdown: float,
-    notes: list[str],
-    load: dict[str, tuple[float, float]],
-) -> None:
-    """A saturated first GPU: a CPU backend equal on everything stronger goes first
-    when it is expected to finish this request sooner. Fills `load` with each
-    backend's (service time, expected finish) it looked at."""
-    top_key, top_step, gpu = ranked[0][:3]
-    gpu_ms = gpu.service_ms.get(model)
-    if gpu.kind != "gpu" or gpu.in_flight < gpu.parallel or not gpu_ms or len(ranked) < 2:
-        return
-    gpu_finish = expected_finish_ms(gpu_ms, gpu.in_flight, gpu.queued, gpu.parallel)
-    load[gpu.name] = (gpu_ms, gpu_finish)
-    stronger = top_key[:_BUSY]
-    best: _Ranked | None = None
-    best_finish = gpu_finish
-    for item in ranked[1:]:
-        cpu = item[2]
-        if cpu.kind != "cpu" or item[0][:_BUSY] != stronger:
-            continue
-        if cpu.models is None or model not in cpu.models:
-            continue
-        service = cpu.service_ms.get(model) or gpu_ms * cpu_slowdown
-        finish = expected_finish_ms(service, cpu.in_flight, cpu.queued, cpu.parallel)
-        load[cpu.name] = (service, finish)
-        if finish < best_finish:
-            best, best_finish = item, finish
-    if best is None:
-        return
-    busy = (
-        f"{gpu.name} is busy ({gpu.in_flight} running, {gpu.queued} queued, "
-        f"{gpu.parallel} at once): done in ~{gpu_finish:.0f} ms there"
-    )
-    best[1].reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
-    top_step.reasons.insert(0, f"{busy}: after {best[2].name}")
-    notes.append(f"{gpu.name} is busy: {model} goes to {best[2].name}")
-    for i, item in enumerate(ranked):
-        if item is not best:
-            key = item[0]
-            ranked[i] = ((*key[:_BUSY], 1, *key[_BUSY + 1 :]), *item[1:])
-    ranked.sort()
+def _forced(
+    request: RouteRequest,
+    backends: Sequence[BackendView],
+    model: str | None,
+    intent: Intent,
+    intent_source: str,
+    pin_backend: str | None,
+) -> Plan:
+    for view in backends:
+        if view.name == request.forced_backend:
+            return Plan(
+                model=model,
+                intent=intent,
+                intent_source=intent_source,
+                steps=[PlanStep(view.name, ["forced by X-Harbor-Backend; no fallback"])],
+                forced=True,
+                rule="forced",
+                pinned=pin_backend,
+                num_ctx=request.num_ctx,
+            )
+    names = ", ".join(v.name for v in backends)
+    raise PolicyError(f"unknown backend {request.forced_backend!r}; expected one of: {names}")
 
 
-def _deciding_rule(ranked: Sequence[_Ranked], excluded: Sequence[PlanStep]) -> PlacementRule:
+def _deciding_rule(ranked: Sequence[Candidate], excluded: Sequence[PlanStep]) -> PlacementRule:
     if len(ranked) < 2:
         return "health" if excluded else "order"
-    first, second = ranked[0][0], ranked[1][0]
-    for rule, a, b in zip(_RULES, first, second, strict=True):
+    for (name, _), a, b in zip(RULES, ranked[0].key, ranked[1].key, strict=True):
         if a != b:
-            return rule
+            return name
     return "order"
 
 
-def _estimate_of(item: _Ranked, load: Mapping[str, tuple[float, float]]) -> BackendEstimate:
-    _, _, view, ctx, needs = item
+def _estimate_of(cand: Candidate) -> BackendEstimate:
+    view = cand.view
     budget = view.budget if view.kind == "gpu" else None
-    service, finish = load.get(view.name) or _NO_LOAD
     return BackendEstimate(
         view.name,
-        ctx,
-        needs,
+        cand.ctx,
+        cand.needs,
         budget.bytes if budget is not None else None,
         budget.source if budget is not None else None,
         view.parallel,
         view.in_flight,
         view.queued,
-        service,
-        finish,
+        cand.service_ms,
+        cand.finish_ms,
+        cand.resident,
+        cand.load_ms,
+        cand.load_learned,
+        cand.evicts,
+        round(cand.eviction_ms, 1),
+        cand.expected_ms,
+        view.capacity if view.resident is not None else None,
+        view.capacity_source if view.resident is not None else None,
     )
+
+
+# -- plans without a model ---------------------------------------------------------
+
+
+_HEALTH_ORDER: Mapping[str, int] = MappingProxyType({"down": 2, "degraded": 1})
+
+
+def reachable(backends: Sequence[BackendView]) -> list[str]:
+    """Backends worth asking now (aggregated reads): not down, not cooling down."""
+    return [v.name for v in backends if v.health != "down" and not v.cooldown]
+
+
+def plan_without_model(backends: Sequence[BackendView], forced: str | None) -> Plan:
+    """A request with no model to route by (pass-through): healthy backends first,
+    each group in configuration order."""
+    if forced is not None:
+        if all(v.name != forced for v in backends):
+            names = ", ".join(v.name for v in backends)
+            raise PolicyError(f"unknown backend {forced!r}; expected one of: {names}")
+        return Plan(
+            model=None,
+            intent="fast",
+            intent_source="default",
+            steps=[PlanStep(forced, ["forced by X-Harbor-Backend; no fallback"])],
+            forced=True,
+            rule="forced",
+        )
+    usable = sorted(
+        (v for v in backends if not v.cooldown), key=lambda v: _HEALTH_ORDER.get(v.health, 0)
+    )
+    return Plan(
+        model=None,
+        intent="fast",
+        intent_source="default",
+        steps=[PlanStep(v.name, [f"no model to route by; backend is {v.health}"]) for v in usable],
+        excluded=[
+            PlanStep(v.name, ["cooling down after a refused connection"])
+            for v in backends
+            if v.cooldown
+        ],
+        rule="order",
+    )
+
+
+def plan_unload(backends: Sequence[BackendView], model: str, forced: str | None) -> Plan:
+    """An unload goes to every reachable backend that lists the model (every reachable
+    one when none does), or to the one X-Harbor-Backend names."""
+    reason = "unload goes to every backend that may have the model loaded"
+    if forced is not None:
+        if all(v.name != forced for v in backends):
+            names = ", ".join(v.name for v in backends)
+            raise PolicyError(f"unknown backend {forced!r}; expected one of: {names}")
+        chosen = [forced]
+    else:
+        usable = reachable(backends)
+        listing = [
+            v.name for v in backends if v.name in usable and (v.models is None or model in v.models)
+        ]
+        chosen = listing or usable
+    return Plan(
+        model=model,
+        intent="fast",
+        intent_source="default",
+        steps=[PlanStep(name, [reason]) for name in chosen],
+        forced=forced is not None,
+        rule="forced" if forced is not None else "order",
+    )
+
+
+def may_move_on(plan: Plan, kind: BackendKind, error_class: str) -> bool:
+    """After a retryable failure on a backend of `kind`: may the request try its next
+    step? A heavy request whose CPU backend is only busy waits for the CPU (a 503 with
+    Retry-After), rather than loading its large model onto a GPU and evicting what the
+    fast requests run there; a CPU backend that is down does let it move on."""
+    return not (plan.intent == "heavy" and error_class == "busy" and kind == "cpu")

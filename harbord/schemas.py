@@ -279,11 +279,14 @@ PlacementRule = Literal[
     "pin",
     "memory",
     "spill",
+    "residency",
     "busy-spill",
     "intent",
     "affinity",
     "order",
 ]
+# How a backend's model capacity (OLLAMA_MAX_LOADED_MODELS) is known (residency.py).
+CapacitySource = Literal["config", "unit", "learned", "default"]
 BudgetSource = Literal["config", "journal", "sysfs", "nvidia-smi", "/api/ps"]
 
 
@@ -330,3 +333,15 @@ class BackendEstimate(msgspec.Struct, omit_defaults=True):
     queued: int = 0
     service_ms: float | None = None  # recent duration of this model here (moving average)
     expected_finish_ms: float | None = None
+    # Residency (issue 16): whether the model is loaded here (None: not known), the load
+    # it would take, whether that time was learned here or estimated from its size, the
+    # models the load would evict and the reloads that costs interactive work, and the
+    # request's expected time here (load + service + evictions' cost), all in ms.
+    resident: bool | None = None
+    load_ms: float | None = None
+    load_learned: bool = False
+    evicts: list[str] = []
+    eviction_ms: float = 0.0
+    expected_ms: float | None = None
+    capacity: int | None = None
+    capacity_source: CapacitySource | None = None

@@ -1,0 +1,194 @@
+"""Residency: what is loaded where, what a load costs and whom it evicts. Pure.
+
+Ollama keeps at most `OLLAMA_MAX_LOADED_MODELS` models loaded per server (the
+shipped GPU unit: 1) and, when a new one needs room (a slot, or memory), evicts
+idle models, least recently used first. A load takes seconds; evicting the model
+interactive requests use costs their next request the same again. These
+functions turn what the daemon saw (`/api/ps`, the answers it relayed, the
+requests it placed) into the numbers the policy compares. No I/O, no clock:
+the time is an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from harbord.schemas import BackendKind, CapacitySource
+
+# Ollama's default OLLAMA_MAX_LOADED_MODELS: three per GPU, three on a CPU-only server.
+OLLAMA_DEFAULT_MAX_LOADED = 3
+
+# A load before any was seen here: the runner's start plus reading the weights from a
+# warm page cache (Ollama loads 1-8B models in 0.5-3 s on a desktop; a CPU server maps
+# the file and starts faster, the GPU copies it over the bus).
+LOAD_FIXED_MS = {"gpu": 400.0, "cpu": 250.0}
+LOAD_BYTES_PER_MS = {"gpu": 3_000_000.0, "cpu": 4_000_000.0}  # 3 and 4 GB/s
+
+# How far ahead a `fast` model's next request counts: the window usage is counted
+# over, and the horizon within which its next request makes an eviction cost a reload.
+USAGE_WINDOW = 300.0
+NEXT_REQUEST_HORIZON = 60.0
+
+# A backend that is not the intent's first choice goes first on expected time only
+# when it is clearly better: at most this share of the first choice's time, and at
+# least RESIDENCY_MIN_GAIN_MS sooner (no flapping over a few milliseconds).
+RESIDENCY_MARGIN = 0.7
+RESIDENCY_MIN_GAIN_MS = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    """One model loaded on a backend, as /api/ps (or a relayed answer) showed it."""
+
+    size: int = 0  # bytes, as loaded (weights + KV + graph)
+    context: int = 0  # the context it was loaded with; 0: not said
+    expires: float | None = None  # epoch seconds; None: not said
+    last_used: float = 0.0  # epoch seconds of the last answer harbord saw from it
+    busy: int = 0  # requests harbord has running on it now
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """How many models a backend holds at once, and how that is known."""
+
+    models: int
+    source: CapacitySource
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """How `fast` requests used one model recently (the scheduler counts them)."""
+
+    recent: int  # fast requests in the last USAGE_WINDOW seconds
+    last: float  # epoch seconds of the latest
+
+
+def choose_capacity(configured: int | None, unit_env: int | None, learned: int | None) -> Capacity:
+    """The strongest source wins: config `max_loaded`, the unit's
+    OLLAMA_MAX_LOADED_MODELS, what an eviction showed, Ollama's default."""
+    if configured:
+        return Capacity(configured, "config")
+    if unit_env:
+        return Capacity(unit_env, "unit")
+    if learned:
+        return Capacity(learned, "learned")
+    return Capacity(OLLAMA_DEFAULT_MAX_LOADED, "default")
+
+
+def learn_capacity(
+    before: Iterable[str],
+    after: Iterable[str],
+    loaded: str,
+    memory_forced: bool,
+) -> int | None:
+    """What a load teaches about the slots: `before` and `after` are the models /api/ps
+    showed around the load of `loaded`. When a model left as `loaded` came in and
+    memory did not force it out, the server holds len(after) models at most."""
+    before_set, after_set = set(before), set(after)
+    if loaded not in after_set or memory_forced:
+        return None
+    evicted = before_set - after_set - {loaded}
+    if not evicted:
+        return None
+    return max(len(after_set), 1)
+
+
+def estimate_load_ms(size: int, kind: BackendKind) -> float:
+    """A load's time before one was measured here, from the model's size."""
+    return LOAD_FIXED_MS[kind] + size / LOAD_BYTES_PER_MS[kind]
+
+
+def load_ms(
+    learned: Mapping[str, float], model: str, size: int, kind: BackendKind
+) -> tuple[float, bool]:
+    """(expected load time, whether it was learned here) for `model` on a backend."""
+    seen = learned.get(model)
+    if seen is not None:
+        return seen, True
+    return estimate_load_ms(size, kind), False
+
+
+def predicted_evictions(
+    resident: Mapping[str, Resident],
+    model: str,
+    needs: int | None,
+    capacity: int,
+    budget: int | None,
+    now: float,
+) -> list[str]:
+    """The models a load of `model` would unload, as Ollama's scheduler picks them:
+    idle ones, least recently used first, until a slot is free and (when the budget
+    is known) the new model fits beside the rest. Busy models are never picked (Ollama
+    waits for them). Expired ones are already gone."""
+    live = {
+        name: entry
+        for name, entry in resident.items()
+        if name != model and (entry.expires is None or entry.expires > now)
+    }
+    idle = sorted((n for n, e in live.items() if not e.busy), key=lambda n: live[n].last_used)
+    evicted: list[str] = []
+    used = sum(entry.size for entry in live.values())
+    while idle and (
+        len(live) - len(evicted) >= capacity
+        or (budget is not None and needs is not None and used + needs > budget)
+    ):
+        name = idle.pop(0)
+        evicted.append(name)
+        used -= live[name].size
+    return evicted
+
+
+def next_request_chance(usage: Usage | None, now: float) -> float:
+    """How likely a model's next `fast` request comes within NEXT_REQUEST_HORIZON:
+    requests as a Poisson process at the rate seen over USAGE_WINDOW."""
+    if usage is None or usage.recent <= 0 or now - usage.last > USAGE_WINDOW:
+        return 0.0
+    rate = usage.recent / USAGE_WINDOW
+    return 1.0 - math.exp(-rate * NEXT_REQUEST_HORIZON)
+
+
+def eviction_cost_ms(
+    evicted: Sequence[str],
+    usage: Mapping[str, Usage],
+    reload_ms: Mapping[str, float],
+    now: float,
+) -> tuple[float, str | None]:
+    """The reloads a load imposes on interactive work: for each evicted model, its
+    reload time times the chance its next fast request comes soon. Also the model
+    that costs most (for `route`), or None when nothing interactive is evicted."""
+    total, worst, worst_cost = 0.0, None, 0.0
+    for name in evicted:
+        chance = next_request_chance(usage.get(name), now)
+        if chance <= 0.0:
+            continue
+        cost = reload_ms.get(name, 0.0) * chance
+        total += cost
+        if worst is None or cost > worst_cost:
+            worst, worst_cost = name, cost
+    return total, worst
+
+
+def is_hot(usage: Usage | None, now: float) -> bool:
+    """A model interactive work is using now: a fast request within the window."""
+    return next_request_chance(usage, now) > 0.0
+
+
+def most_used(usage: Mapping[str, Usage], now: float) -> str | None:
+    """The model `fast` requests use most now (the one to keep hot)."""
+    best: str | None = None
+    best_key = (0, 0.0)
+    for name, entry in usage.items():
+        if now - entry.last > USAGE_WINDOW or entry.recent <= 0:
+            continue
+        key = (entry.recent, entry.last)
+        if key > best_key:
+            best, best_key = name, key
+    return best
+
+
+def count_recent(times: Sequence[float], now: float) -> int:
+    """How many of `times` (ascending epoch seconds) fall in the usage window."""
+    cutoff = now - USAGE_WINDOW
+    return sum(1 for t in times if t > cutoff)

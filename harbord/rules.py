@@ -1,0 +1,384 @@
+"""The placement rules, strongest first: each a small pure function over one candidate.
+
+`policy.plan` builds one `Candidate` per backend and runs `RULES` in order; each
+rule writes its rank (0 is better) into the candidate's key at its own position and
+may say why. Candidates sort by that key, and the first rule on which the first two
+differ is the plan's `rule`. Adding a rule means adding one function and one line
+in `RULES`.
+
+Most rules look at one candidate alone. Two compare a candidate with the others
+that are equal on every stronger rule (its *group*): `residency` (the expected
+time, loads and evictions included) and `busy-spill` (a saturated first choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from harbord import residency
+from harbord.memory import format_context, format_gb, format_gib
+from harbord.queueing import expected_finish_ms
+from harbord.schemas import (
+    Affinity,
+    BackendKind,
+    Intent,
+    PlacementRule,
+    PlanStep,
+)
+
+if TYPE_CHECKING:  # the policy imports the rules
+    from harbord.policy import BackendView
+
+
+@dataclass(slots=True)
+class Request:
+    """What every rule may read about the request being placed."""
+
+    model: str | None
+    intent: Intent
+    preferred: BackendKind
+    pin_backend: str | None
+    pin_reason: str
+    affine: Affinity | None
+    size: int  # the model's weights, bytes (0: not known)
+    now: float
+    cpu_slowdown: float
+    usage: Mapping[str, residency.Usage]
+    notes: list[str]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One backend on its way into the plan."""
+
+    view: BackendView
+    index: int
+    step: PlanStep
+    ctx: int  # the context the request runs at here
+    needs: int | None  # bytes at that context (None: size not known)
+    key: list[int] = field(default_factory=list)
+    # Filled by the group rules, shown by `route`.
+    service_ms: float | None = None
+    finish_ms: float | None = None
+    resident: bool | None = None
+    load_ms: float | None = None
+    load_learned: bool = False
+    evicts: list[str] = field(default_factory=list)
+    eviction_ms: float = 0.0
+    expected_ms: float | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.step.reasons
+
+
+# A rule ranks every candidate (0 is better), in the candidates' order.
+Rule = Callable[[Request, Sequence[Candidate]], list[int]]
+OneRule = Callable[[Request, Candidate], int]
+
+_HEALTH_RANK: Mapping[str, int] = {"down": 2, "degraded": 1}
+
+
+def each(rank: OneRule) -> Rule:
+    """A rule that looks at one candidate at a time."""
+
+    def rule(req: Request, every: Sequence[Candidate]) -> list[int]:
+        return [rank(req, cand) for cand in every]
+
+    rule.__name__ = rank.__name__
+    return rule
+
+
+def health(req: Request, cand: Candidate) -> int:
+    rank = _HEALTH_RANK.get(cand.view.health, 0)
+    if rank:
+        cand.reasons.append(f"backend is {cand.view.health}: moved back")
+    return rank
+
+
+def inventory(req: Request, cand: Candidate) -> int:
+    models = cand.view.models
+    if req.model is not None and models is not None and req.model not in models:
+        cand.reasons.append("model not in this backend's list: moved back")
+        return 1
+    return 0
+
+
+def pin(req: Request, cand: Candidate) -> int:
+    if cand.view.name == req.pin_backend:
+        cand.reasons.append(req.pin_reason)
+        return 0
+    return 1
+
+
+def _pinned_here(req: Request, cand: Candidate) -> bool:
+    return cand.view.name == req.pin_backend
+
+
+def memory(req: Request, cand: Candidate) -> int:
+    """A GPU the model would not fit goes after the CPU backends, `fast` included."""
+    view, model = cand.view, req.model
+    if model is None or view.kind != "gpu" or _pinned_here(req, cand):
+        return 0
+    limit, budget = view.memory_limit, view.budget
+    if req.size and limit and req.size > limit:
+        cand.reasons.append(
+            f"model size {format_gb(req.size)} exceeds the {format_gb(limit)} limit: "
+            "after CPU backends"
+        )
+        req.notes.append(f"{model} is too large for {view.name}")
+        return 1
+    if cand.needs is not None and budget is not None and cand.needs > budget.bytes:
+        context = format_context(cand.ctx)
+        cand.reasons.append(
+            f"needs {format_gb(cand.needs)} at {context} context, {view.name} has "
+            f"{format_gib(budget.bytes)} ({budget.source}): after CPU backends"
+        )
+        req.notes.append(f"{model} at {context} context does not fit {view.name}")
+        return 1
+    return 0
+
+
+def spill(req: Request, cand: Candidate) -> int:
+    """A GPU where Ollama put the model partly in system RAM (now, or before at this
+    context or a smaller one) goes after the CPU backends."""
+    view, model = cand.view, req.model
+    if model is None or view.kind != "gpu" or _pinned_here(req, cand):
+        return 0
+    spilled = view.spilled.get(model) if view.spilled else None
+    if spilled is not None:
+        cand.reasons.append(
+            f"memory pressure: only {format_gb(spilled[1])} of {format_gb(spilled[0])} "
+            "in VRAM: after CPU backends"
+        )
+        req.notes.append(f"memory pressure on {view.name} for {model}")
+        return 1
+    spilled_at = view.spilled_contexts.get(model) if view.spilled_contexts else None
+    if spilled_at is not None and cand.ctx >= spilled_at:
+        cand.reasons.append(
+            f"spilled to system RAM here at {format_context(spilled_at)} context, this "
+            f"request needs {format_context(cand.ctx)}: after CPU backends"
+        )
+        req.notes.append(f"{model} spilled on {view.name} at {format_context(spilled_at)}")
+        return 1
+    return 0
+
+
+def intent_rank(req: Request, cand: Candidate) -> int:
+    return 0 if cand.view.kind == req.preferred else 1
+
+
+def intent(req: Request, cand: Candidate) -> int:
+    rank = intent_rank(req, cand)
+    cand.reasons.append(
+        f"{req.intent} intent prefers {req.preferred}"
+        if rank == 0
+        else f"{cand.view.kind} fallback"
+    )
+    return rank
+
+
+def affinity_rank(req: Request, cand: Candidate) -> int:
+    return 0 if req.affine is not None and req.affine.backend == cand.view.name else 1
+
+
+def affinity(req: Request, cand: Candidate) -> int:
+    rank = affinity_rank(req, cand)
+    if rank == 0:
+        cand.reasons.append("affinity: served this model last")
+    return rank
+
+
+def order(req: Request, cand: Candidate) -> int:
+    return cand.index
+
+
+# -- the group rules -------------------------------------------------------------
+
+
+def _groups(every: Sequence[Candidate]) -> list[list[Candidate]]:
+    """The candidates split by their key so far: equal on every stronger rule."""
+    groups: dict[tuple[int, ...], list[Candidate]] = {}
+    for cand in every:
+        groups.setdefault(tuple(cand.key), []).append(cand)
+    return list(groups.values())
+
+
+def _first_choice(req: Request, group: Sequence[Candidate]) -> Candidate:
+    """Who goes first in `group` when only intent, affinity and order decide."""
+    return min(group, key=lambda c: (intent_rank(req, c), affinity_rank(req, c), c.index))
+
+
+def _service_estimate(req: Request, cand: Candidate, every: Sequence[Candidate]) -> float | None:
+    """This model's recent duration here, else another backend's, scaled by kind."""
+    model = req.model
+    assert model is not None
+    own = cand.view.service_ms.get(model)
+    if own is not None:
+        return own
+    for other in every:
+        seen = other.view.service_ms.get(model)
+        if seen is None:
+            continue
+        if other.view.kind == cand.view.kind:
+            return seen
+        return seen * req.cpu_slowdown if cand.view.kind == "cpu" else seen / req.cpu_slowdown
+    return None
+
+
+def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]) -> None:
+    view, model = cand.view, req.model
+    assert model is not None and view.resident is not None
+    now = req.now
+    entry = view.resident.get(model)
+    # A request at another context reloads the model (Ollama compares num_ctx).
+    here = entry is not None and (
+        (entry.expires is None or entry.expires > now)
+        and (not entry.context or entry.context == cand.ctx)
+    )
+    cand.resident = here
+    service = _service_estimate(req, cand, every)
+    cand.service_ms = service
+    if here:
+        cand.load_ms, cand.expected_ms = 0.0, service or 0.0
+        return
+    load, learned = residency.load_ms(view.load_ms, model, req.size, view.kind)
+    budget = view.budget.bytes if view.budget is not None else None
+    evicts = residency.predicted_evictions(
+        view.resident, model, cand.needs, view.capacity, budget, now
+    )
+    reload = {
+        name: residency.load_ms(view.load_ms, name, view.resident[name].size, view.kind)[0]
+        for name in evicts
+    }
+    cost, _ = residency.eviction_cost_ms(evicts, req.usage, reload, now)
+    cand.load_ms, cand.load_learned, cand.evicts, cand.eviction_ms = load, learned, evicts, cost
+    cand.expected_ms = load + (service or 0.0) + cost
+
+
+def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
+    """Expected time with loads and the reloads a load imposes on interactive work: a
+    backend the intent puts later goes first when it is clearly sooner. `heavy` only
+    weighs backends of its own kind, so it never takes the GPU from interactive work."""
+    ranks = [0] * len(every)
+    if req.model is None or not any(c.view.resident is not None for c in every):
+        return ranks
+    for cand in every:
+        if cand.view.resident is not None:
+            _residency_figures(req, cand, every)
+    _say_residency(req, every)
+    losers: set[int] = set()
+    for group in _groups(every):
+        first = _first_choice(req, group)
+        contenders = [
+            c
+            for c in group
+            if c.expected_ms is not None and (req.intent == "fast" or c.view.kind == req.preferred)
+        ]
+        if first.expected_ms is None or not contenders:
+            continue
+        best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
+        best_ms = best.expected_ms or 0.0
+        if (
+            best is first
+            or first.expected_ms - best_ms < residency.RESIDENCY_MIN_GAIN_MS
+            or best_ms > first.expected_ms * residency.RESIDENCY_MARGIN
+        ):
+            continue
+        best.reasons.insert(
+            0,
+            f"~{best_ms:.0f} ms here with loads counted, ~{first.expected_ms:.0f} ms on "
+            f"{first.view.name}: first",
+        )
+        req.notes.append(f"{req.model} goes to {best.view.name}: sooner with loads counted")
+        losers.update(id(c) for c in group if c is not best)
+    return [1 if id(c) in losers else 0 for c in every]
+
+
+def _say_residency(req: Request, every: Sequence[Candidate]) -> None:
+    """One reason per backend: loaded here, or the load and whom it evicts."""
+    for cand in every:
+        if cand.resident is None:
+            continue
+        if cand.resident:
+            cand.reasons.append("loaded here")
+            continue
+        how = "learned" if cand.load_learned else "estimated"
+        text = f"load {(cand.load_ms or 0.0) / 1000:.1f} s ({how})"
+        if cand.evicts:
+            text += ", evicts " + ", ".join(
+                _evictee(name, req.usage.get(name), req.now) for name in cand.evicts
+            )
+        cand.reasons.append(text)
+
+
+def _evictee(name: str, usage: residency.Usage | None, now: float) -> str:
+    if usage is None or not residency.is_hot(usage, now):
+        return name
+    minutes = residency.USAGE_WINDOW / 60
+    return f"{name} (fast, {usage.recent} requests in {minutes:.0f} min)"
+
+
+def busy_spill(req: Request, every: Sequence[Candidate]) -> list[int]:
+    """`fast` only: when the first choice is saturated (every `parallel` slot taken),
+    another backend that has the model goes first if it is expected to finish sooner."""
+    ranks = [0] * len(every)
+    model = req.model
+    if model is None or req.intent != "fast" or len(every) < 2:
+        return ranks
+    losers: set[int] = set()
+    for group in _groups(every):
+        top = _first_choice(req, group)
+        view = top.view
+        top_ms = view.service_ms.get(model)
+        if view.in_flight < view.parallel or len(group) < 2 or not top_ms:
+            continue
+        top_finish = expected_finish_ms(top_ms, view.in_flight, view.queued, view.parallel)
+        top.service_ms, top.finish_ms = top_ms, top_finish
+        best, best_finish = None, top_finish
+        for other in group:
+            o = other.view
+            if other is top or o.models is None or model not in o.models:
+                continue
+            service = o.service_ms.get(model)
+            if service is None:
+                if o.kind == view.kind:
+                    service = top_ms
+                else:
+                    scale = req.cpu_slowdown
+                    service = top_ms * scale if o.kind == "cpu" else top_ms / scale
+            finish = expected_finish_ms(service, o.in_flight, o.queued, o.parallel)
+            if other.resident is False and other.load_ms:
+                finish += other.load_ms
+            other.service_ms, other.finish_ms = service, finish
+            if finish < best_finish:
+                best, best_finish = other, finish
+        if best is None:
+            continue
+        busy = (
+            f"{view.name} is busy ({view.in_flight} running, {view.queued} queued, "
+            f"{view.parallel} at once): done in ~{top_finish:.0f} ms there"
+        )
+        best.reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
+        top.reasons.insert(0, f"{busy}: after {best.view.name}")
+        req.notes.append(f"{view.name} is busy: {model} goes to {best.view.name}")
+        losers.update(id(c) for c in group if c is not best)
+    return [1 if id(c) in losers else 0 for c in every]
+
+
+# The rules, strongest first: (name, function). The plan's `rule` is the first name
+# on which its first two steps differ.
+RULES: tuple[tuple[PlacementRule, Rule], ...] = (
+    ("health", each(health)),
+    ("inventory", each(inventory)),
+    ("pin", each(pin)),
+    ("memory", each(memory)),
+    ("spill", each(spill)),
+    ("residency", residency_rule),
+    ("busy-spill", busy_spill),
+    ("intent", each(intent)),
+    ("affinity", each(affinity)),
+    ("order", each(order)),
+)
