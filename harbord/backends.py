@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import fields
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +24,7 @@ from harbord.gpu_memory import GpuFigures
 from harbord.memory import choose_budget, default_context, spill_budget, update_spills
 from harbord.policy import BackendView, normalize_model
 from harbord.queueing import WaitQueue, ewma
+from harbord.residency import Capacity, Resident, choose_capacity, learn_capacity
 from harbord.schemas import (
     BackendStatus,
     ErrorClass,
@@ -37,6 +39,11 @@ from harbord.schemas import (
 log = logging.getLogger(__name__)
 
 PS_REREAD = 10.0  # seconds before an answer for the same model asks /api/ps again
+
+# How long Ollama keeps a model loaded when neither the request nor the unit says
+# (OLLAMA_KEEP_ALIVE's default): what an answer's model is taken to expire after
+# until /api/ps says when.
+DEFAULT_KEEP_ALIVE = 300.0
 
 # The view's fields but the load's (in_flight, queued), which `Backend.view` refreshes.
 _KEPT_FIELDS = tuple(f.name for f in fields(BackendView) if f.name not in ("in_flight", "queued"))
@@ -124,8 +131,6 @@ class Backend:
         self.loaded: list[PsModel] = []
         self._ps_asked: dict[str, float] = {}  # model -> monotonic time of its last ps read
         self.inventory_at = 0.0
-        self.in_flight = 0
-        self.served = 0
         self.limiter = Limiter(config.max_concurrency, config.max_queue, config.queue_timeout)
         # No overall limit: only connecting is timed here (relay.py times the rest).
         self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
@@ -147,9 +152,31 @@ class Backend:
         # pointing away from it, and the prober reads the GPU's memory again.
         self.came_up = False
         self.rediscover = asyncio.Event()
+        # Residency (issue 16). What is loaded here (None until /api/ps was read),
+        # updated in place by answers and reads, and read live through the view.
+        self.resident: dict[str, Resident] | None = None
+        self._resident_view: MappingProxyType[str, Resident] | None = None
+        self.running: dict[str, int] = {}  # model -> generations running here now
+        self._running_view = MappingProxyType(self.running)
+        self.load_ms: dict[str, float] = {}  # model -> moving average of its loads, ms
+        self._load_view = MappingProxyType(self.load_ms)
+        self.unit_max_loaded: int | None = None  # OLLAMA_MAX_LOADED_MODELS of its unit
+        self.learned_max_loaded: int | None = None
+        self.capacity = choose_capacity(config.max_loaded, None, None)
+        self.loads: dict[str, int] = {}  # model -> loads seen here (metrics)
+        self.evictions: dict[str, int] = {}  # model -> evictions seen here (metrics)
+        self.kept_hot: set[str] = set()  # models harbord loaded again to keep them hot
+        self.evicted_at: dict[str, float] = {}  # model -> when it left before its time
+        self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
+        self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
         self._view: BackendView
         self._view_fields: dict[str, Any] = {}
         self.changed()
+
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a slot here: the limiter's count, the only one."""
+        return self.limiter.active
 
     # -- the policy's snapshot ------------------------------------------------
 
@@ -192,6 +219,11 @@ class Backend:
             queued=self.limiter.queued,
             service_ms=self._service_view,
             spilled_contexts=self.spilled_contexts,
+            resident=self._resident_view,
+            capacity=self.capacity.models,
+            capacity_source=self.capacity.source,
+            load_ms=self._load_view,
+            running=self._running_view,
         )
 
     @property
@@ -220,6 +252,104 @@ class Backend:
         name = normalize_model(model)
         self.service_ms[name] = ewma(self.service_ms.get(name), duration_ms)
 
+    # -- residency (the scheduler's door) --------------------------------------
+
+    def started(self, model: str | None) -> None:
+        if model is not None:
+            self.running[model] = self.running.get(model, 0) + 1
+
+    def finished(self, model: str | None) -> None:
+        if model is not None:
+            left = self.running.get(model, 0) - 1
+            if left > 0:
+                self.running[model] = left
+            else:
+                self.running.pop(model, None)
+
+    def requested(self, model: str) -> None:
+        """A request asked for `model`: the user's earlier unload no longer holds."""
+        self.unloaded_by_user.discard(model)
+
+    def user_unloaded(self, model: str) -> None:
+        self.unloaded_by_user.add(model)
+        self.kept_hot.discard(model)
+
+    def record_load(self, model: str, load_ms: float) -> None:
+        self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
+
+    def answered(self, model: str, now: float, load_ms: float | None) -> bool:
+        """`model` answered here just now: it is loaded. Returns whether /api/ps is worth
+        reading (the answer loaded it, or it was not known to be here): then what it
+        evicted, a spill, and the slots are learned from what /api/ps shows."""
+        resident = self.resident
+        if resident is None:
+            return self.answer_loaded(model, now)
+        entry = resident.get(model)
+        if entry is not None and (entry.expires is None or entry.expires > now):
+            resident[model] = Resident(entry.size, entry.context, entry.expires, now)
+            return load_ms is not None and self.answer_loaded(model, now)
+        self._load_before = (model, set(resident))
+        self.loads[model] = self.loads.get(model, 0) + 1
+        resident[model] = Resident(0, 0, now + DEFAULT_KEEP_ALIVE, now)
+        return self.answer_loaded(model, now)
+
+    def set_capacity_sources(self, unit_max_loaded: int | None) -> None:
+        """The unit's OLLAMA_MAX_LOADED_MODELS, as the supervisor read it."""
+        if unit_max_loaded != self.unit_max_loaded:
+            self.unit_max_loaded = unit_max_loaded
+            self._choose_capacity()
+
+    def _choose_capacity(self) -> None:
+        capacity: Capacity = choose_capacity(
+            self.config.max_loaded, self.unit_max_loaded, self.learned_max_loaded
+        )
+        if capacity != self.capacity:
+            self.capacity = capacity
+            self.changed()
+
+    def _sync_resident(self, loaded: list[PsModel]) -> None:
+        """What /api/ps showed: the resident models, what left before its time (an
+        eviction), and after a load, how many models the backend holds at once."""
+        now = time.time()
+        before = self.resident or {}
+        fresh: dict[str, Resident] = {}
+        for entry in loaded:
+            name = normalize_model(entry.name)
+            old = before.get(name)
+            fresh[name] = Resident(
+                entry.size,
+                entry.context_length,
+                parse_expiry(entry.expires_at),
+                old.last_used if old is not None else now,
+            )
+        for name, old in before.items():
+            if name not in fresh and old.expires is not None and old.expires > now + 1.0:
+                self.evictions[name] = self.evictions.get(name, 0) + 1
+                self.evicted_at[name] = now
+                log.info("%s left %s before its time (evicted)", name, self.name)
+        pending, self._load_before = self._load_before, None
+        if pending is not None:
+            model, was = pending
+            budget = self.budget.bytes if self.budget is not None else None
+            forced = (
+                budget is not None
+                and sum(e.size for e in fresh.values())
+                + sum(before[n].size for n in was - set(fresh) if n in before)
+                > budget
+            )
+            learned = learn_capacity(was, fresh, model, forced)
+            if learned is not None and learned != self.learned_max_loaded:
+                log.info(
+                    "%s holds %d model(s) at once (learned from an eviction)", self.name, learned
+                )
+                self.learned_max_loaded = learned
+                self._choose_capacity()
+        known = self.resident is not None
+        self.resident = fresh
+        self._resident_view = MappingProxyType(fresh)
+        if not known:
+            self.changed()
+
     def set_gpu_figures(self, figures: GpuFigures) -> None:
         if figures != self.gpu_figures:
             self.gpu_figures = figures
@@ -232,6 +362,9 @@ class Backend:
         self.limiter.queue_timeout = config.queue_timeout
         self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         self.rediscover.set()  # vram or the unit may have changed
+        self.capacity = choose_capacity(
+            config.max_loaded, self.unit_max_loaded, self.learned_max_loaded
+        )
         self.changed()
 
     # -- health transitions -----------------------------------------------------
@@ -284,7 +417,6 @@ class Backend:
             pending.reschedule(loop.time())
 
     def record_success(self) -> None:
-        self.served += 1
         if self.health != "up" or self.cooldown:
             self._coming_up()
             self.health = "up"
@@ -310,6 +442,8 @@ class Backend:
         if models is not None and models != self.models:
             self.models = models
             changed = True
+        if loaded is not None:
+            self._sync_resident(loaded)
         if loaded is not None and loaded != self.loaded:
             self.loaded = loaded
             self._learn_spills(loaded)
@@ -334,6 +468,7 @@ class Backend:
 
     def set_loaded(self, loaded: list[PsModel]) -> None:
         """What /api/ps shows loaded now (Prober.after_load): spills are learned at once."""
+        self._sync_resident(loaded)
         if loaded != self.loaded:
             self.loaded = loaded
             self._learn_spills(loaded)
@@ -387,3 +522,20 @@ class Backend:
             return None
         missing = self.gpu_figures.missing
         return "; ".join(missing) if missing else "not looked for yet"
+
+
+def parse_expiry(expires_at: str | None) -> float | None:
+    """/api/ps's `expires_at` (RFC 3339 with nanoseconds and an offset) as epoch seconds."""
+    if not expires_at:
+        return None
+    text = expires_at.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    head, dot, rest = text.partition(".")
+    if dot:  # Go writes nanoseconds; Python takes at most microseconds
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None

@@ -87,6 +87,10 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes.
     kv_cache_type: KvCacheType = "f16"
+    # Models the backend holds loaded at once: the unit's OLLAMA_MAX_LOADED_MODELS.
+    # None: read from the unit's environment, else learned from an eviction, else
+    # Ollama's default (residency.choose_capacity).
+    max_loaded: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
     def __post_init__(self) -> None:
         if self.parallel == 0:
@@ -125,6 +129,9 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A waiting `fast` request goes before a `heavy` one that arrived up to this
     # much earlier; a `heavy` one that waited longer goes first (no starving).
     fast_head_start: Seconds = Seconds(10)
+    # When a GPU backend is idle and the model fast requests use most was evicted
+    # from it, load it again in the background (residency: keep it hot).
+    keep_hot: bool = True
 
 
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -23,10 +23,10 @@ from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
 from harbord.ledger import Ledger
+from harbord.scheduler import Scheduler
 from harbord.schemas import (
     BackendStatus,
     CheckEntry,
-    ModelFacts,
     Plan,
     Status,
 )
@@ -34,8 +34,6 @@ from harbord.state import StateStore
 from harbord.upstream import Pools
 
 log = logging.getLogger(__name__)
-
-_NO_FACTS: dict[str, ModelFacts] = {}
 
 
 class Harbor:
@@ -47,8 +45,9 @@ class Harbor:
         self.registry: CollectorRegistry | None = None  # made on the first scrape
         self.draining = False
         self.supervision = "off"
-        self.backends: dict[str, Backend] = {}
-        self._views: list[policy.BackendView] = []
+        # Every request that reaches a backend is admitted, placed and accounted there.
+        self.scheduler = Scheduler(config, self.state)
+        self.scheduler.status_changed = lambda: self.status_changed()
         self._session: aiohttp.ClientSession | None = None
         # The relay's own keep-alive connections to the backends (the hot path).
         self.upstreams = Pools()
@@ -56,7 +55,11 @@ class Harbor:
         self.status_changed: Callable[[], None] = lambda: None
         # Set by the supervisor when systemd is there: (backend name) -> (ok, message).
         self.restart_backend: Callable[[str], Awaitable[tuple[bool, str]]] | None = None
-        self._build_backends(config)
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """The backends, owned by the scheduler."""
+        return self.scheduler.backends
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -78,6 +81,10 @@ class Harbor:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self._prober = Prober(self._session, self.config.routing)
+        scheduler, facts = self.scheduler, self._prober.model_facts
+        scheduler.facts = lambda: facts.facts
+        scheduler.want_facts = facts.want
+        scheduler.read_loaded = self._prober.after_load
         await self._prober.probe_all(list(self.backends.values()))
         self._prober.start(list(self.backends.values()))
 
@@ -89,32 +96,10 @@ class Harbor:
         if self._session is not None:
             await self._session.close()
 
-    def _build_backends(self, config: Config) -> None:
-        fresh: dict[str, Backend] = {}
-        for name, backend_config in config.backends.items():
-            backend = self.backends.get(name)
-            if backend is None:
-                backend = Backend(name, backend_config)
-                backend.on_change = self._backend_changed
-            elif backend.config != backend_config:
-                backend.reconfigure(backend_config)
-            fresh[name] = backend
-        self.backends = fresh
-        self._views = [b.view for b in fresh.values()]
-
-    def _backend_changed(self, backend: Backend) -> None:
-        self._views = [b.view for b in self.backends.values()]
-        if backend.came_up:
-            backend.came_up = False
-            self.state.drop_affinity_away_from(backend.name, self._views)
-        self.status_changed()
-
     async def apply_config(self, config: Config) -> None:
         """Reload: keep what still exists, start probing what is new."""
-        removed = [name for name in self.backends if name not in config.backends]
         self.config = config
-        self.state.affinity_ttl = config.routing.affinity_ttl
-        self._build_backends(config)
+        removed = self.scheduler.build_backends(config)
         self.upstreams.keep({b.config.url for b in self.backends.values()})
         if self._prober is not None:
             self._prober.routing = config.routing
@@ -127,28 +112,7 @@ class Harbor:
     # -- routing --------------------------------------------------------------
 
     def plan(self, request: policy.RouteRequest) -> Plan:
-        routing = self.config.routing
-        prober = self._prober
-        facts = prober.model_facts.facts if prober is not None else _NO_FACTS
-        plan = policy.plan(
-            request,
-            [b.view for b in self.backends.values()],  # brings each view's load up to date
-            self.state.pins,
-            self.state.affinity,
-            self.config.models,
-            routing.default_intent,
-            time.time(),
-            model_facts=facts,
-            affinity_ttl=routing.affinity_ttl,
-            cpu_slowdown=routing.cpu_slowdown,
-        )
-        model = plan.model
-        if prober is not None and model is not None and model not in facts:
-            # Never waited for: this plan goes without; a later one has the facts. Asked
-            # of the backend the plan goes to first, which is about to load the model.
-            backends = self.backends
-            prober.model_facts.want(model, [backends[name] for name in plan.backends])
-        return plan
+        return self.scheduler.place(request)
 
     # -- reporting ------------------------------------------------------------
 
@@ -171,7 +135,7 @@ class Harbor:
 
     def _backend_status(self, backend: Backend) -> BackendStatus:
         status = backend.status()
-        status.served = backend.served
+        status.served = self.ledger.counters.by_backend.get(backend.name, 0)
         ttfb = sorted(
             d.first_byte_ms
             for d in self.ledger.decisions.values()

@@ -35,7 +35,7 @@ BLOB_CHUNK = 256 * 1024
 
 
 def _reachable(harbor: Harbor) -> list[Backend]:
-    return [b for b in harbor.backends.values() if b.health != "down" and not b.cooldown]
+    return harbor.scheduler.reachable()
 
 
 async def _fetch(harbor: Harbor, backend: Backend, path: str) -> Any:

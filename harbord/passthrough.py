@@ -25,19 +25,17 @@ from email.utils import collapse_rfc2231_value
 import msgspec
 from aiohttp import web
 
-from harbord.backends import Backend
 from harbord.config import MODEL_RE
 from harbord.errors import Problem
-from harbord.harbor import HARBOR, Harbor
+from harbord.harbor import HARBOR
 from harbord.ledger import accounted
 from harbord.policy import PolicyError, RouteRequest
 from harbord.relay import RELAY
 from harbord.request_body import read_body
-from harbord.schemas import UNDECODABLE, Decision, Plan, PlanStep
+from harbord.schemas import UNDECODABLE, Decision
 
 OWN_PREFIXES = ("/harbor/",)
 OWN_PATHS = frozenset(("/harbor", "/metrics"))
-_HEALTH_RANK = {"up": 0, "unknown": 0, "degraded": 1, "down": 2}
 
 
 class _BodyFacts(msgspec.Struct):
@@ -114,38 +112,6 @@ def _part_name(head: bytes) -> str | None:
     return None
 
 
-def default_plan(harbor: Harbor, forced: str | None) -> Plan:
-    """A request without a model: healthy backends first, each group in configuration order."""
-    backends = harbor.backends
-    if forced is not None:
-        if forced not in backends:
-            raise Problem(
-                400, f"unknown backend {forced!r}; expected one of: {', '.join(backends)}"
-            )
-        return Plan(
-            model=None,
-            intent="fast",
-            intent_source="default",
-            steps=[PlanStep(forced, ["forced by X-Harbor-Backend; no fallback"])],
-            forced=True,
-            rule="forced",
-        )
-    usable: list[Backend] = [b for b in backends.values() if not b.cooldown]
-    usable.sort(key=lambda b: _HEALTH_RANK.get(b.health, 0))  # stable: keeps config order
-    return Plan(
-        model=None,
-        intent="fast",
-        intent_source="default",
-        steps=[PlanStep(b.name, [f"no model to route by; backend is {b.health}"]) for b in usable],
-        excluded=[
-            PlanStep(b.name, ["cooling down after a refused connection"])
-            for b in backends.values()
-            if b.cooldown
-        ],
-        rule="order",
-    )
-
-
 async def pass_through(request: web.Request, decision: Decision) -> web.StreamResponse:
     harbor = request.app[HARBOR]
     config = harbor.config
@@ -155,21 +121,22 @@ async def pass_through(request: web.Request, decision: Decision) -> web.StreamRe
     else:
         model, stream = json_model(body)
     forced = request.headers.get("X-Harbor-Backend")
-    if model is None:
-        plan = default_plan(harbor, forced)
-    else:
-        if not MODEL_RE.fullmatch(model):
-            raise Problem(400, f"invalid model name {model[:80]!r}")
-        try:
-            plan = harbor.plan(
+    if model is not None and not MODEL_RE.fullmatch(model):
+        raise Problem(400, f"invalid model name {model[:80]!r}")
+    scheduler = harbor.scheduler
+    try:
+        if model is None:
+            plan = scheduler.place_without_model(forced)
+        else:
+            plan = scheduler.place(
                 RouteRequest(
                     model=model,
                     intent_header=request.headers.get("X-Harbor-Intent"),
                     forced_backend=forced,
                 )
             )
-        except PolicyError as err:
-            raise Problem(400, str(err)) from None
+    except PolicyError as err:
+        raise Problem(400, str(err)) from None
     # An unknown endpoint's answer may take long (an image): wait for it whole unless
     # the body asks for a stream.
     decision.stream = bool(stream)

@@ -81,6 +81,7 @@ class BackendView:
     capacity: int = OLLAMA_DEFAULT_MAX_LOADED
     capacity_source: CapacitySource = "default"
     load_ms: Mapping[str, float] = field(default_factory=dict)
+    running: Mapping[str, int] = field(default_factory=dict)  # model -> requests running
 
 
 @dataclass(frozen=True, slots=True)

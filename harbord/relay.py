@@ -12,6 +12,9 @@ Rules this module keeps:
   Ollama stops generating.
 - What a request did is written into its Decision (attempts, who served); the
   ledger derives counters and metrics from it when the request is done.
+- The relay decides nothing: it executes the plan, takes its slots from the
+  scheduler, and reports each attempt's outcome there (learning.py says what it
+  teaches: pins, health, service and load times, residency).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from harbord.backends import Backend
 from harbord.classify import classify, error_text, is_retryable
 from harbord.failures import Failure
 from harbord.harbor import Harbor
+from harbord.learning import NOT_A_LOAD, Outcome, load_duration_ms
+from harbord.scheduler import Scheduler
 from harbord.schemas import Attempt, Decision, Plan
 from harbord.stream import (
     MAX_LINE,
@@ -66,8 +71,6 @@ _DROP_RESPONSE = frozenset(
 )
 
 Body = bytes | AsyncIterable[bytes]
-# Routed paths whose answer neither loads the model nor says how long a generation takes.
-_NOT_A_LOAD = frozenset(("/api/show", "/v1/messages/count_tokens"))
 
 
 def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -77,6 +80,7 @@ def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 class Relay:
     def __init__(self, harbor: Harbor) -> None:
         self.harbor = harbor
+        self.scheduler: Scheduler = harbor.scheduler
 
     async def run(
         self,
@@ -118,12 +122,12 @@ class Relay:
                 )
             )
             failures.append((backend.name, failure))
-            self._react(backend, failure, plan, decision)
+            self._report_failure(backend, failure, decision)
             if not is_retryable(failure.error_class) or not isinstance(body, bytes):
                 break
             if answer_as_is and failure.status is not None and failure.status < 500:
                 break  # the backend's own 4xx is the answer
-            if _busy_cpu_for_heavy(plan, backend, failure):
+            if not self.scheduler.may_move_on(plan, backend, failure.error_class):
                 break
         tried = [
             (step.backend, backends[step.backend].config.url)
@@ -146,11 +150,30 @@ class Relay:
         config = backend.config
         if backend.hung:  # the prober already knows: don't wait for it to say so again
             return fail.hung(backend.name)
-        if not await backend.limiter.acquire(decision.intent or "fast"):
-            return Failure(
-                "busy", f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s"
+        plan = decision.plan
+        model = plan.model if plan is not None else None
+        async with self.scheduler.admit(backend, decision.intent or "fast", model) as admitted:
+            if not admitted:
+                return Failure(
+                    "busy",
+                    f"{backend.name}: queue full or queue wait over {config.queue_timeout:g}s",
+                )
+            return await self._exchange(
+                request, backend, headers, body, content_length, failures, decision, started
             )
-        backend.in_flight += 1
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        backend: Backend,
+        headers: CIMultiDict[str],
+        body: Body,
+        content_length: int | None,
+        failures: list[tuple[str, Failure]],
+        decision: Decision,
+        started: float,
+    ) -> web.StreamResponse | Failure:
+        config = backend.config
         sent_at = time.monotonic()  # service time starts here, after harbord's own queue
         upstream: Exchange | None = None
         # The prober fires this deadline early when the backend hangs (Backend.mark_hung).
@@ -193,14 +216,14 @@ class Relay:
             served = self._served(backend, decision)
             if not streaming:
                 served.ms = round((time.monotonic() - started) * 1000, 3)
-                self._learn_service(backend, decision, sent_at)
+                self._report_served(backend, decision, sent_at, first)
                 return web.Response(status=upstream.status, body=first, headers=response_headers)
-            response, broke = await relay_stream(
+            response, broke, tail = await relay_stream(
                 request, upstream, first, response_headers, backend.name, config.idle_timeout
             )
             served.ms = round((time.monotonic() - started) * 1000, 3)
             if broke is None:
-                self._learn_service(backend, decision, sent_at)
+                self._report_served(backend, decision, sent_at, tail)
             else:
                 error_class, text = broke
                 decision.attempts.append(
@@ -208,14 +231,11 @@ class Relay:
                 )
                 log.warning("request %s: %s after the first byte", decision.id, text)
                 # Too late to try elsewhere, not too late to learn (an OOM pins the model).
-                if decision.plan is not None:
-                    self._react(backend, Failure(error_class, text), decision.plan, decision)
+                self._report_failure(backend, Failure(error_class, text), decision, True)
             return response
         finally:
             if upstream is not None:
                 upstream.close()  # a no-op after a full read; cuts the backend off otherwise
-            backend.in_flight -= 1
-            backend.limiter.release()
 
     def _response_headers(
         self,
@@ -238,36 +258,48 @@ class Relay:
         decision.attempts.append(attempt)
         decision.served_by = backend.name
         decision.first_byte_ms = round((time.time() - decision.time) * 1000, 3)
-        backend.record_success()
-        if decision.plan is not None:
-            self.harbor.state.learn_affinity(decision.plan, backend.name)
+        self.scheduler.served(backend, decision.plan)
         return attempt
 
-    def _learn_service(self, backend: Backend, decision: Decision, sent_at: float) -> None:
-        """What a served answer teaches placement: how long this model takes here, and
-        (when it was not loaded before) how it fits, read from /api/ps at once."""
+    def _report_served(
+        self, backend: Backend, decision: Decision, sent_at: float, tail: bytes
+    ) -> None:
+        """A whole answer: how long it took, and whether (and how long) it loaded the
+        model, from Ollama's `load_duration` in its last bytes."""
         plan = decision.plan
         model = plan.model if plan is not None else None
-        if model is None or decision.path in _NOT_A_LOAD:
-            return
-        now = time.monotonic()
-        backend.record_service(model, (now - sent_at) * 1000)
-        if backend.answer_loaded(model, now):
-            self.harbor.prober.after_load(backend)
+        load = load_duration_ms(tail[-512:]) if model and decision.path not in NOT_A_LOAD else None
+        self.scheduler.report(
+            Outcome(
+                backend.name,
+                backend.config.kind,
+                model,
+                decision.path,
+                served=True,
+                service_ms=(time.monotonic() - sent_at) * 1000,
+                load_ms=load,
+            ),
+            plan,
+        )
 
-    def _react(self, backend: Backend, failure: Failure, plan: Plan, decision: Decision) -> None:
-        """What a failure teaches us: pins, health."""
-        backend.record_failure(failure.error_class, failure.text, refused=failure.refused)
-        if failure.error_class == "oom" and backend.config.kind == "gpu" and plan.model:
-            target = self._cpu_for(plan)
-            if target is not None:
-                self.harbor.state.pin(
-                    plan.model,
-                    target,
-                    f"out of memory on {backend.name}: {failure.text[:160]}",
-                    self.harbor.config.routing.oom_pin_for,
-                    "oom",
-                )
+    def _report_failure(
+        self, backend: Backend, failure: Failure, decision: Decision, after_first_byte: bool = False
+    ) -> None:
+        plan = decision.plan
+        self.scheduler.report(
+            Outcome(
+                backend.name,
+                backend.config.kind,
+                plan.model if plan is not None else None,
+                decision.path,
+                served=after_first_byte,
+                error_class=failure.error_class,
+                text=failure.text,
+                refused=failure.refused,
+                after_first_byte=after_first_byte,
+            ),
+            plan,
+        )
         log.info(
             "request %s: %s failed (%s): %s",
             decision.id,
@@ -275,23 +307,6 @@ class Relay:
             failure.error_class,
             failure.text[:200],
         )
-
-    def _cpu_for(self, plan: Plan) -> str | None:
-        backends = self.harbor.backends
-        for name in [*plan.backends, *backends]:
-            backend = backends.get(name)
-            if backend is not None and backend.config.kind == "cpu":
-                return name
-        return None
-
-
-def _busy_cpu_for_heavy(plan: Plan, backend: Backend, failure: Failure) -> bool:
-    """A heavy request whose CPU backend is only busy waits for the CPU (a 503 with
-    Retry-After), rather than loading its large model onto the GPU and evicting what
-    the fast requests run there. A CPU backend that is down does let it move on."""
-    return plan.intent == "heavy" and failure.error_class == "busy" and (
-        backend.config.kind == "cpu"
-    )
 
 
 def _broken_start(name: str, upstream: Exchange, first: bytes, streaming: bool) -> Failure | None:

@@ -46,7 +46,6 @@ class Resident:
     context: int = 0  # the context it was loaded with; 0: not said
     expires: float | None = None  # epoch seconds; None: not said
     last_used: float = 0.0  # epoch seconds of the last answer harbord saw from it
-    busy: int = 0  # requests harbord has running on it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +116,7 @@ def predicted_evictions(
     capacity: int,
     budget: int | None,
     now: float,
+    busy: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The models a load of `model` would unload, as Ollama's scheduler picks them:
     idle ones, least recently used first, until a slot is free and (when the budget
@@ -127,7 +127,8 @@ def predicted_evictions(
         for name, entry in resident.items()
         if name != model and (entry.expires is None or entry.expires > now)
     }
-    idle = sorted((n for n, e in live.items() if not e.busy), key=lambda n: live[n].last_used)
+    running = busy or {}
+    idle = sorted((n for n in live if not running.get(n)), key=lambda n: live[n].last_used)
     evicted: list[str] = []
     used = sum(entry.size for entry in live.values())
     while idle and (

@@ -247,7 +247,7 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
     load, learned = residency.load_ms(view.load_ms, model, req.size, view.kind)
     budget = view.budget.bytes if view.budget is not None else None
     evicts = residency.predicted_evictions(
-        view.resident, model, cand.needs, view.capacity, budget, now
+        view.resident, model, cand.needs, view.capacity, budget, now, view.running
     )
     reload = {
         name: residency.load_ms(view.load_ms, name, view.resident[name].size, view.kind)[0]
@@ -259,9 +259,14 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
 
 
 def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
-    """Expected time with loads and the reloads a load imposes on interactive work: a
-    backend the intent puts later goes first when it is clearly sooner. `heavy` only
-    weighs backends of its own kind, so it never takes the GPU from interactive work."""
+    """Expected time with loads and the reloads a load imposes on interactive work.
+
+    When the intent's first choice would have to evict a model `fast` requests are
+    using, a backend the intent puts later goes first if it is clearly sooner with
+    that reload counted (an embedding model beside the chat model on a one-model GPU
+    goes to the CPU). A load that evicts nothing interactive is paid once and keeps
+    the model where the intent wants it, so it moves nothing. `heavy` only weighs
+    backends of its own kind: it never takes the GPU from interactive work."""
     ranks = [0] * len(every)
     if req.model is None or not any(c.view.resident is not None for c in every):
         return ranks
@@ -277,7 +282,7 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
             for c in group
             if c.expected_ms is not None and (req.intent == "fast" or c.view.kind == req.preferred)
         ]
-        if first.expected_ms is None or not contenders:
+        if first.expected_ms is None or not first.eviction_ms or not contenders:
             continue
         best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
         best_ms = best.expected_ms or 0.0

@@ -95,9 +95,10 @@ async def relay_stream(
     headers: CIMultiDict[str],
     backend_name: str,
     idle: float,
-) -> tuple[web.StreamResponse, tuple[ErrorClass, str] | None]:
+) -> tuple[web.StreamResponse, tuple[ErrorClass, str] | None, bytes]:
     """Send the answer's head and every whole line; returns the failure that ended it early:
-    harbord's own (the backend broke off or went quiet) or the backend's error line.
+    harbord's own (the backend broke off or went quiet) or the backend's error line, and
+    the last bytes relayed (where Ollama's final chunk says how long its load took).
 
     Raises the upstream error when it was the client that left (nothing to tell anyone)."""
     response = web.StreamResponse(status=upstream.status, headers=headers)
@@ -154,4 +155,4 @@ async def relay_stream(
         sequence = next_sequence_number(sent_last) if family == "responses" else 0
         await response.write(fresh + stream_error(failure[1], family, sse, sequence))
     await response.write_eof()
-    return response, failure or backend_error
+    return response, failure or backend_error, earlier + last

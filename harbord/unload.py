@@ -32,9 +32,10 @@ from harbord.backends import Backend
 from harbord.errors import Problem
 from harbord.failures import Failure
 from harbord.harbor import Harbor
-from harbord.policy import normalize_model
+from harbord.learning import Outcome
+from harbord.policy import PolicyError, normalize_model
 from harbord.relay import upstream_headers
-from harbord.schemas import UNDECODABLE, Attempt, Decision, Plan, PlanStep
+from harbord.schemas import UNDECODABLE, Attempt, Decision
 from harbord.upstream import UpstreamError
 
 UNLOAD_PATHS = frozenset(("/api/generate", "/api/chat"))
@@ -78,37 +79,17 @@ def is_unload(path: str, body: bytes) -> bool:
     return empty and keep_alive_is_zero(facts.keep_alive)
 
 
-def targets(harbor: Harbor, model: str, forced: str | None) -> list[Backend]:
-    """The backends to unload `model` on, in configuration order."""
-    backends = harbor.backends
-    if forced is not None:
-        backend = backends.get(forced)
-        if backend is None:
-            raise Problem(
-                400, f"unknown backend {forced!r}; expected one of: {', '.join(backends)}"
-            )
-        return [backend]
-    reachable = [b for b in backends.values() if b.health != "down" and not b.cooldown]
-    listing = [b for b in reachable if b.models is None or model in b.models]
-    return listing or reachable
-
-
 async def unload_everywhere(
     request: web.Request, harbor: Harbor, decision: Decision, model: str, body: bytes
 ) -> web.Response:
     """Send the unload to every target at once; Ollama's answer once all have answered."""
     name = normalize_model(model)
     forced = request.headers.get("X-Harbor-Backend")
-    chosen = targets(harbor, name, forced)
-    reason = "unload goes to every backend that may have the model loaded"
-    plan = Plan(
-        model=name,
-        intent="fast",
-        intent_source="default",
-        steps=[PlanStep(b.name, [reason]) for b in chosen],
-        forced=forced is not None,
-        rule="forced" if forced is not None else "order",
-    )
+    try:
+        plan = harbor.scheduler.place_unload(name, forced)
+    except PolicyError as err:
+        raise Problem(400, str(err)) from None
+    chosen = [harbor.backends[step] for step in plan.backends]
     decision.plan, decision.model, decision.intent = plan, name, plan.intent
     decision.stream = False
     results = await asyncio.gather(*(_unload_one(harbor, b, request, body) for b in chosen))
@@ -181,5 +162,16 @@ async def _unload_one(
     except UpstreamError as err:
         outcome = fail.from_error(backend.name, err, config.connect_timeout)
     if isinstance(outcome, Failure) and outcome.status is None:  # no answer: the backend's
-        backend.record_failure(outcome.error_class, outcome.text, refused=outcome.refused)
+        harbor.scheduler.report(
+            Outcome(
+                backend.name,
+                backend.config.kind,
+                None,
+                request.path,
+                served=False,
+                error_class=outcome.error_class,
+                text=outcome.text,
+                refused=outcome.refused,
+            )
+        )
     return outcome, round((time.monotonic() - started) * 1000, 3)

@@ -115,7 +115,7 @@ def test_the_view_follows_the_load_without_a_rebuild_per_request() -> None:
     first = backend.view
     assert backend.view is first  # nothing moved: the same snapshot
     assert (first.parallel, first.in_flight, first.queued) == (1, 0, 0)
-    backend.in_flight = 2
+    backend.limiter.active = 2  # two generations hold slots
     assert (backend.view.in_flight, backend.view.queued) == (2, 0)
     assert backend.view is backend.view
     assert cpu().view.parallel == 2  # the shipped cpu unit's OLLAMA_NUM_PARALLEL

@@ -1,0 +1,222 @@
+"""The scheduler: every request that reaches a backend is admitted, placed and accounted here.
+
+- **Placement**: the pure policy is asked for a plan over a snapshot of the
+  backends' facts (`BackendView`s), the pins and affinity, and how `fast` requests
+  used each model lately. Pass-through without a model, unload fan-out and the
+  aggregated reads get their plans here too.
+- **Admission**: a generation takes one of its backend's slots (`Limiter`: the
+  limit and the fast-before-heavy queue); a control call (an unload, an aggregated
+  read, a preload's answer) is counted but never waits behind a generation.
+- **Accounting**: the relay reports each attempt's `Outcome`; `learning.learn`
+  turns it into lessons, applied here, and only here, to the backends' facts and
+  the pins.
+
+The backends' facts change only through this object and the prober's inventory
+reads; the policy sees immutable views.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+
+from harbord import learning, policy, residency
+from harbord.backends import Backend
+from harbord.config import Config
+from harbord.learning import Outcome
+from harbord.policy import BackendView, RouteRequest
+from harbord.residency import Usage
+from harbord.schemas import Intent, ModelFacts, Plan
+from harbord.state import StateStore
+
+log = logging.getLogger(__name__)
+
+_NO_FACTS: Mapping[str, ModelFacts] = {}
+
+
+class UsageBook(Mapping[str, Usage]):
+    """When `fast` requests asked for each model lately (residency.USAGE_WINDOW):
+    the policy weighs an eviction by how soon the evicted model is wanted again."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, collections.deque[float]] = {}
+
+    def record(self, model: str, now: float) -> None:
+        times = self._times.get(model)
+        if times is None:
+            times = self._times[model] = collections.deque(maxlen=1024)
+        times.append(now)
+        cutoff = now - residency.USAGE_WINDOW
+        while times and times[0] <= cutoff:
+            times.popleft()
+
+    def __getitem__(self, model: str) -> Usage:
+        times = self._times[model]
+        if not times:
+            raise KeyError(model)
+        return Usage(residency.count_recent(times, time.time()), times[-1])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([m for m, times in self._times.items() if times])
+
+    def __len__(self) -> int:
+        return sum(1 for times in self._times.values() if times)
+
+
+class Scheduler:
+    def __init__(self, config: Config, state: StateStore) -> None:
+        self.config = config
+        self.state = state
+        self.backends: dict[str, Backend] = {}
+        self.usage = UsageBook()
+        self.facts: Callable[[], Mapping[str, ModelFacts]] = lambda: _NO_FACTS
+        # (model, backends in plan order): fetch the model's shape off the request path.
+        self.want_facts: Callable[[str, list[Backend]], object] = lambda model, backends: None
+        # A served answer that loaded a model: read that backend's /api/ps now.
+        self.read_loaded: Callable[[Backend], object] = lambda backend: None
+        self.status_changed: Callable[[], None] = lambda: None
+        self.build_backends(config)
+
+    # -- the backends ------------------------------------------------------------
+
+    def build_backends(self, config: Config) -> list[str]:
+        """Keep what still exists, make what is new; returns the names removed."""
+        self.config = config
+        removed = [name for name in self.backends if name not in config.backends]
+        fresh: dict[str, Backend] = {}
+        for name, backend_config in config.backends.items():
+            backend = self.backends.get(name)
+            if backend is None:
+                backend = Backend(name, backend_config)
+                backend.on_change = self._backend_changed
+            elif backend.config != backend_config:
+                backend.reconfigure(backend_config)
+            # The routing table's queue order applies to every backend's limiter.
+            backend.limiter.fast_head_start = config.routing.fast_head_start
+            fresh[name] = backend
+        self.backends = fresh
+        self.state.affinity_ttl = config.routing.affinity_ttl
+        return removed
+
+    def _backend_changed(self, backend: Backend) -> None:
+        if backend.came_up:
+            backend.came_up = False
+            self.state.drop_affinity_away_from(backend.name, self.views())
+        self.status_changed()
+
+    def views(self) -> list[BackendView]:
+        return [b.view for b in self.backends.values()]
+
+    def reachable(self) -> list[Backend]:
+        """Backends worth asking now (aggregated reads), in configuration order."""
+        names = policy.reachable(self.views())
+        return [self.backends[name] for name in names]
+
+    # -- placement ---------------------------------------------------------------
+
+    def place(self, request: RouteRequest) -> Plan:
+        routing = self.config.routing
+        facts = self.facts()
+        now = time.time()
+        plan = policy.plan(
+            request,
+            self.views(),  # brings each view's load up to date
+            self.state.pins,
+            self.state.affinity,
+            self.config.models,
+            routing.default_intent,
+            now,
+            model_facts=facts,
+            affinity_ttl=routing.affinity_ttl,
+            cpu_slowdown=routing.cpu_slowdown,
+            usage=self.usage,
+        )
+        model = plan.model
+        if model is not None:
+            if plan.intent == "fast" and not plan.forced:
+                self.usage.record(model, now)
+            for backend in self.backends.values():
+                backend.requested(model)
+            if model not in facts:
+                # Never waited for: this plan goes without; a later one has the facts.
+                # Asked of the backend the plan goes to first, about to load the model.
+                self.want_facts(model, [self.backends[name] for name in plan.backends])
+        return plan
+
+    def place_without_model(self, forced: str | None) -> Plan:
+        return policy.plan_without_model(self.views(), forced)
+
+    def place_unload(self, model: str, forced: str | None) -> Plan:
+        """Where an unload goes; the user's own unload is remembered, so the model is not
+        kept hot against their wish (until it is asked for again)."""
+        plan = policy.plan_unload(self.views(), model, forced)
+        for name in plan.backends:
+            self.backends[name].user_unloaded(model)
+        return plan
+
+    # -- admission ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def admit(
+        self, backend: Backend, intent: Intent, model: str | None
+    ) -> AsyncIterator[bool]:
+        """A slot on `backend` for one generation: yields False when its queue is full or
+        the wait ran out (the caller moves on), True while the slot is held."""
+        if not await backend.limiter.acquire(intent):
+            yield False
+            return
+        backend.started(model)
+        try:
+            yield True
+        finally:
+            backend.finished(model)
+            backend.limiter.release()
+
+    # -- accounting --------------------------------------------------------------
+
+    def report(self, outcome: Outcome, plan: Plan | None = None) -> None:
+        """Apply what one attempt teaches (learning.learn) to the facts and the pins."""
+        backend = self.backends.get(outcome.backend)
+        if backend is None:
+            return  # removed by a reload while the request ran
+        lessons = learning.learn(outcome, self._cpu_backend(outcome.backend, plan))
+        if lessons.healthy:
+            backend.record_success()
+        if lessons.failure and outcome.error_class is not None:
+            backend.record_failure(outcome.error_class, outcome.text, refused=outcome.refused)
+        if lessons.pin is not None:
+            pin = lessons.pin
+            self.state.pin(
+                pin.model, pin.backend, pin.reason, self.config.routing.oom_pin_for, "oom"
+            )
+        model = outcome.model
+        if model is None:
+            return
+        if lessons.service_ms is not None:
+            backend.record_service(model, lessons.service_ms)
+        if lessons.load_ms is not None:
+            backend.record_load(model, lessons.load_ms)
+        if lessons.resident and backend.answered(model, time.time(), lessons.load_ms):
+            self.read_loaded(backend)
+
+    def served(self, backend: Backend, plan: Plan | None) -> None:
+        """The first byte of an answer: where the model stays loaded (affinity)."""
+        if plan is not None:
+            self.state.learn_affinity(plan, backend.name)
+
+    def may_move_on(self, plan: Plan, backend: Backend, error_class: str) -> bool:
+        return policy.may_move_on(plan, backend.config.kind, error_class)
+
+    def _cpu_backend(self, failed: str, plan: Plan | None) -> str | None:
+        """Where an out-of-memory error pins a model: the plan's first CPU backend,
+        else the configuration's."""
+        backends = self.backends
+        names: list[str] = [*(plan.backends if plan is not None else ()), *backends]
+        for name in names:
+            backend = backends.get(name)
+            if backend is not None and backend.config.kind == "cpu" and name != failed:
+                return name
+        return None
