@@ -16,8 +16,6 @@ from dataclasses import fields
 from types import MappingProxyType
 from typing import Any
 
-import aiohttp
-
 from harbord.config import BackendConfig
 from harbord.gpu_memory import GpuFigures
 from harbord.memory import choose_budget, default_context, spill_budget, update_spills
@@ -127,8 +125,6 @@ class Backend:
         self.in_flight = 0
         self.served = 0
         self.limiter = Limiter(config.max_concurrency, config.max_queue, config.queue_timeout)
-        # No overall limit: only connecting is timed here (relay.py times the rest).
-        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         # Requests still waiting for their first byte: the prober ends them when
         # it declares the backend hung, so they move on to the next backend.
         self.waiting: set[asyncio.Timeout] = set()
@@ -230,7 +226,6 @@ class Backend:
         self.limiter.limit = config.max_concurrency
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
-        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         self.rediscover.set()  # vram or the unit may have changed
         self.changed()
 
