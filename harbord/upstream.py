@@ -171,7 +171,7 @@ class Pools:
                 raise AnswerTimeout(f"no whole answer within {timeout:g}s") from None
             raise
         if exchange.status != 200:
-            raise StatusError(exchange.status)
+            raise StatusError(exchange.status, path)
         return answer
 
     async def fetch_json(

@@ -79,9 +79,9 @@ class StatusError(UpstreamError):
 
     error_class = "other"
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, path: str) -> None:
         self.status = status
-        super().__init__(f"answered {status}")
+        super().__init__(f"{path} answered {status}")
 
 
 class Undecodable(UpstreamError):

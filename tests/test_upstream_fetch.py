@@ -80,7 +80,7 @@ async def test_fetch_failures_are_upstream_errors(
         await pools.fetch_json(server.url, "GET", "/api/version", _version, 1)
     assert caught.value.error_class == error_class and not caught.value.timeout
     if isinstance(caught.value, StatusError):
-        assert caught.value.status == 500
+        assert (caught.value.status, str(caught.value)) == (500, "/api/version answered 500")
     pools.close()
 
 
