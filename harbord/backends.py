@@ -17,8 +17,6 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-import aiohttp
-
 from harbord.config import BackendConfig
 from harbord.gpu_memory import GpuFigures
 from harbord.memory import choose_budget, default_context, spill_budget, update_spills
@@ -132,8 +130,6 @@ class Backend:
         self._ps_asked: dict[str, float] = {}  # model -> monotonic time of its last ps read
         self.inventory_at = 0.0
         self.limiter = Limiter(config.max_concurrency, config.max_queue, config.queue_timeout)
-        # No overall limit: only connecting is timed here (relay.py times the rest).
-        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         # Requests still waiting for their first byte: the prober ends them when
         # it declares the backend hung, so they move on to the next backend.
         self.waiting: set[asyncio.Timeout] = set()
@@ -360,7 +356,6 @@ class Backend:
         self.limiter.limit = config.max_concurrency
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
-        self.client_timeout = aiohttp.ClientTimeout(sock_connect=config.connect_timeout)
         self.rediscover.set()  # vram or the unit may have changed
         self.capacity = choose_capacity(
             config.max_loaded, self.unit_max_loaded, self.learned_max_loaded

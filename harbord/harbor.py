@@ -3,8 +3,8 @@
 Everything the request handlers and background loops share lives here: the
 backends, the StateStore (pins and affinity, and every change to them), the
 ledger, and reload. It owns the backend
-connection pools (`upstreams`, the request path's only client) and the
-aiohttp session the prober and the supervisor use off the request path.
+connection pools (`upstreams`, the request path's); the prober keeps its own pools
+of the same client for harbord's reads off the request path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -48,7 +47,6 @@ class Harbor:
         # Every request that reaches a backend is admitted, placed and accounted there.
         self.scheduler = Scheduler(config, self.state)
         self.scheduler.status_changed = lambda: self.status_changed()
-        self._session: aiohttp.ClientSession | None = None
         # The relay's own keep-alive connections to the backends (the hot path).
         self.upstreams = Pools()
         self._prober: Prober | None = None
@@ -64,23 +62,13 @@ class Harbor:
     # -- lifecycle ------------------------------------------------------------
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Harbor.start() not called"
-        return self._session
-
-    @property
     def prober(self) -> Prober:
         assert self._prober is not None, "Harbor.start() not called"
         return self._prober
 
     async def start(self) -> None:
         self.state.load()
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
-        self._prober = Prober(self._session, self.config.routing)
+        self._prober = Prober(self.config.routing)
         scheduler, facts = self.scheduler, self._prober.model_facts
         scheduler.facts = lambda: facts.facts
         scheduler.want_facts = facts.want
@@ -93,8 +81,6 @@ class Harbor:
             await self._prober.stop()
         await self.state.flush()
         self.upstreams.close()
-        if self._session is not None:
-            await self._session.close()
 
     async def apply_config(self, config: Config) -> None:
         """Reload: keep what still exists, start probing what is new."""

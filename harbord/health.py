@@ -12,6 +12,12 @@ memory (gpu_memory.discover: at start, when the backend comes back up, as after 
 restart of its unit, and every `MEMORY_REFRESH`), the models' shapes
 (`model_facts`, fetched when a plan first needs them), and `/api/ps` right after an
 answer that loaded a model (`after_load`), so a spill is known within a second.
+
+Every read goes through the request path's client (upstream.Pools), on a Pools of its
+own (`pools`, shared with model facts and warm-up). The client has no connection limit,
+so a hung backend's stuck probes could not hold back a request either way; kept apart,
+a probe that times out (and aborts its connection, counting towards hung) never takes
+one of the relay's warm connections with it, and a reload closes the two separately.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TypeVar
 
-import aiohttp
 import msgspec
 
 from harbord.backends import Backend
@@ -29,7 +35,8 @@ from harbord.config import RoutingConfig
 from harbord.gpu_memory import GpuFigures, Sources, discover
 from harbord.model_facts import ModelFactsCache
 from harbord.policy import normalize_model
-from harbord.schemas import UNDECODABLE, Ps, Tags, Version
+from harbord.schemas import Ps, Tags, Version
+from harbord.upstream import ConnectError, Pools, StatusError, Undecodable, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +47,17 @@ _ps = msgspec.json.Decoder(Ps)
 # whenever the backend comes back up (its unit restarted, a new Ollama logged anew).
 MEMORY_REFRESH = 300.0
 
+T = TypeVar("T")
+
 
 class Prober:
-    def __init__(self, session: aiohttp.ClientSession, routing: RoutingConfig) -> None:
-        self.session = session
+    def __init__(self, routing: RoutingConfig) -> None:
+        self.pools = Pools()
         self.routing = routing
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._memory_tasks: dict[str, asyncio.Task[None]] = {}
         self._ps_tasks: dict[str, asyncio.Task[None]] = {}
-        self.model_facts = ModelFactsCache(session)
+        self.model_facts = ModelFactsCache(self.pools)
         self.gpu_sources = Sources()  # where discover() looks; tests point it elsewhere
 
     async def probe_all(self, backends: list[Backend]) -> None:
@@ -61,9 +70,8 @@ class Prober:
                 log.error("probe of %s failed unexpectedly", backend.name, exc_info=result)
 
     def start(self, backends: list[Backend]) -> None:
+        self.pools.keep({backend.config.url for backend in backends})  # a reload moved one
         for backend in backends:
-            # The routing table's queue order applies to every backend's limiter.
-            backend.limiter.fast_head_start = self.routing.fast_head_start
             if backend.name not in self._tasks:
                 self._tasks[backend.name] = asyncio.create_task(
                     self._loop(backend), name=f"probe-{backend.name}"
@@ -84,6 +92,7 @@ class Prober:
                         await task
         if every:
             await self.model_facts.stop()
+            self.pools.close()
 
     async def _memory_loop(self, backend: Backend) -> None:
         while True:
@@ -114,11 +123,10 @@ class Prober:
         return task
 
     async def refresh_loaded(self, backend: Backend) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self.routing.probe_timeout, 1.0))
+        timeout = max(self.routing.probe_timeout, 1.0)
         try:
-            async with self.session.get(f"{backend.config.url}/api/ps", timeout=timeout) as resp:
-                ps = _ps.decode(await resp.read()) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, *UNDECODABLE) as err:
+            ps = await self._optional(backend.config.url, "/api/ps", _ps, timeout)
+        except UpstreamError as err:
             log.info("loaded models of %s not read: %s", backend.name, type(err).__name__)
             return
         if ps is not None:
@@ -144,21 +152,26 @@ class Prober:
 
     async def probe(self, backend: Backend, inventory: bool | None = None) -> None:
         url = backend.config.url
-        timeout = aiohttp.ClientTimeout(total=self.routing.probe_timeout)
         started = time.monotonic()
         was_up = backend.health in ("up", "degraded") and not backend.hung
         try:
-            async with self.session.get(f"{url}/api/version", timeout=timeout) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    backend.probe_timeouts = 0
-                    backend.mark_down(f"probe: /api/version answered {resp.status}")
-                    return
-        except aiohttp.ClientConnectorError as err:
-            backend.probe_timeouts = 0
-            backend.mark_down(f"connection refused ({_os_reason(err)})", cooldown=True)
+            version = await self.pools.fetch_json(
+                url, "GET", "/api/version", _version, self.routing.probe_timeout
+            )
+        except Undecodable:
+            backend.mark_down("probe: /api/version did not answer like Ollama", "other")
             return
-        except TimeoutError:
+        except UpstreamError as err:
+            self._probe_failed(backend, err)
+            return
+        backend.mark_up(version.version, (time.monotonic() - started) * 1000)
+        due = time.monotonic() - backend.inventory_at >= self.routing.inventory_interval
+        if inventory or (inventory is None and (due or not was_up)):
+            await self.refresh_inventory(backend)
+
+    def _probe_failed(self, backend: Backend, err: UpstreamError) -> None:
+        """A probe got no answer, or not a 200: only timeouts in a row make it hung."""
+        if err.timeout:
             backend.probe_timeouts += 1
             limit = self.routing.hung_after_probes
             if backend.probe_timeouts >= limit:
@@ -168,29 +181,30 @@ class Prober:
                     "probe of %s timed out (%d/%d)", backend.name, backend.probe_timeouts, limit
                 )
             return
-        except (aiohttp.ClientError, OSError) as err:
-            backend.probe_timeouts = 0
+        backend.probe_timeouts = 0
+        if isinstance(err, ConnectError):
+            backend.mark_down(f"connection refused ({err.reason})", cooldown=True)
+        elif isinstance(err, StatusError):
+            backend.mark_down(f"probe: /api/version answered {err.status}")
+        else:
             backend.mark_down(f"probe failed: {type(err).__name__}")
-            return
+
+    async def _optional(
+        self, url: str, path: str, decoder: msgspec.json.Decoder[T], timeout: float
+    ) -> T | None:
+        """A GET's decoded answer; None when the backend answered with another status."""
         try:
-            version = _version.decode(body).version
-        except UNDECODABLE:
-            backend.mark_down("probe: /api/version did not answer like Ollama", "other")
-            return
-        backend.mark_up(version, (time.monotonic() - started) * 1000)
-        due = time.monotonic() - backend.inventory_at >= self.routing.inventory_interval
-        if inventory or (inventory is None and (due or not was_up)):
-            await self.refresh_inventory(backend)
+            return await self.pools.fetch_json(url, "GET", path, decoder, timeout)
+        except StatusError:
+            return None
 
     async def refresh_inventory(self, backend: Backend) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self.routing.probe_timeout, 5.0))
+        timeout = max(self.routing.probe_timeout, 5.0)
         url = backend.config.url
         try:
-            async with self.session.get(f"{url}/api/tags", timeout=timeout) as resp:
-                tags = _tags.decode(await resp.read()) if resp.status == 200 else None
-            async with self.session.get(f"{url}/api/ps", timeout=timeout) as resp:
-                ps = _ps.decode(await resp.read()) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, *UNDECODABLE) as err:
+            tags = await self._optional(url, "/api/tags", _tags, timeout)
+            ps = await self._optional(url, "/api/ps", _ps, timeout)
+        except UpstreamError as err:
             log.info("inventory of %s not refreshed: %s", backend.name, type(err).__name__)
             return
         models = None
@@ -201,7 +215,3 @@ class Prober:
         for model in models or ():
             # Known before the first request for it, so that one is placed by memory too.
             self.model_facts.want(model, [backend])
-
-
-def _os_reason(err: aiohttp.ClientConnectorError) -> str:
-    return err.os_error.strerror or type(err.os_error).__name__

@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
 import msgspec
 
 from harbord.memory import parse_model_info
-from harbord.schemas import UNDECODABLE, ModelFacts
+from harbord.schemas import ModelFacts
+from harbord.upstream import Pools, UpstreamError
 
 if TYPE_CHECKING:
     from harbord.backends import Backend
@@ -45,11 +45,11 @@ _show = msgspec.json.Decoder(Show)
 class ModelFactsCache:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pools: Pools,
         timeout: float = SHOW_TIMEOUT,
         retry_after: float = RETRY_AFTER,
     ) -> None:
-        self.session = session
+        self.pools = pools
         self.timeout = timeout
         self.retry_after = retry_after
         # What policy.plan reads (model_facts=): only models whose shape is known.
@@ -95,16 +95,10 @@ class ModelFactsCache:
             await self._fetch_now(model, url, size)
 
     async def _fetch_now(self, model: str, url: str, size: int) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        body = msgspec.json.encode({"model": model})
         try:
-            async with self.session.post(
-                f"{url}/api/show", json={"model": model}, timeout=timeout
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise ValueError(f"/api/show answered {resp.status}")
-            show = _show.decode(raw)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, *UNDECODABLE) as err:
+            show = await self.pools.fetch_json(url, "POST", "/api/show", _show, self.timeout, body)
+        except UpstreamError as err:
             self._failed[model] = time.monotonic()
             log.info("facts of %s not fetched from %s: %s", model, url, err or type(err).__name__)
             return

@@ -1,5 +1,6 @@
 """A small HTTP/1.1 client to the backends, on raw asyncio protocols: sending a request
-(Pools.request) and reading its answer (Exchange).
+(Pools.request) and reading its answer (Exchange); harbord's own small requests off the
+request path (the prober, model facts, warm-up) go through Pools.fetch and fetch_json.
 
 The relay's hop to a backend is its hottest path: this client writes the request head
 harbord builds (and a request body, whole or streamed), and hands over the answer's body
@@ -15,13 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import TypeVar
 
+import msgspec
 from multidict import CIMultiDict
 
 from harbord.http1 import DONE, ParseError, ResponseParser
+from harbord.schemas import UNDECODABLE
 from harbord.upstream_conn import (
     KEEPALIVE,
     MAX_IDLE,
+    AnswerTimeout,
     BadResponse,
     Conn,
     ConnectError,
@@ -29,6 +34,8 @@ from harbord.upstream_conn import (
     Disconnected,
     Pool,
     RequestBodyError,
+    StatusError,
+    Undecodable,
     UpstreamError,
 )
 
@@ -38,6 +45,7 @@ __all__ = [
     "KEEPALIVE",
     "LOW_WATER",
     "MAX_IDLE",
+    "AnswerTimeout",
     "BadResponse",
     "Conn",
     "ConnectError",
@@ -47,13 +55,20 @@ __all__ = [
     "Pool",
     "Pools",
     "RequestBodyError",
+    "StatusError",
+    "Undecodable",
     "UpstreamError",
 ]
 
 HIGH_WATER = 256 * 1024  # buffered body bytes before the backend is paused
 LOW_WATER = 64 * 1024
 
+FETCH_LIMIT = 16 * 1024 * 1024  # the largest answer Pools.fetch reads (a long /api/tags)
+
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+_JSON = (("Content-Type", "application/json"),)
+
+T = TypeVar("T")
 
 
 class Pools:
@@ -138,6 +153,42 @@ class Pools:
             return exchange, await exchange.read_body(limit)
         finally:
             exchange.close()
+
+    async def fetch(
+        self, url: str, method: str, path: str, timeout: float, body: bytes = b""
+    ) -> bytes:
+        """One of harbord's own requests (a JSON body, if any), its 200 answer read whole
+        within `timeout` seconds. Raises the UpstreamError family only: ConnectError,
+        ConnectTimeout or AnswerTimeout (`.timeout`), StatusError for another status."""
+        headers = _JSON if body else ()
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                exchange, answer = await self.answer(
+                    url, method, path, headers, body, timeout, FETCH_LIMIT
+                )
+        except TimeoutError:
+            if deadline.expired():
+                raise AnswerTimeout(f"no whole answer within {timeout:g}s") from None
+            raise
+        if exchange.status != 200:
+            raise StatusError(exchange.status, path)
+        return answer
+
+    async def fetch_json(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        decoder: msgspec.json.Decoder[T],
+        timeout: float,
+        body: bytes = b"",
+    ) -> T:
+        """`fetch`, its answer decoded; Undecodable when the decoder refuses it."""
+        answer = await self.fetch(url, method, path, timeout, body)
+        try:
+            return decoder.decode(answer)
+        except UNDECODABLE as err:
+            raise Undecodable(f"{path}: {err}") from err
 
     def keep(self, urls: set[str]) -> None:
         """Close the pools of backends no longer configured (a reload changed their URL)."""

@@ -67,6 +67,30 @@ class RequestBodyError(UpstreamError):
     error_class = "client"
 
 
+class AnswerTimeout(UpstreamError):
+    """The answer to one of harbord's own requests (Pools.fetch) was not complete within
+    its deadline."""
+
+    timeout = True
+
+
+class StatusError(UpstreamError):
+    """One of harbord's own requests (Pools.fetch) was answered with a status but 200."""
+
+    error_class = "other"
+
+    def __init__(self, status: int, path: str) -> None:
+        self.status = status
+        super().__init__(f"{path} answered {status}")
+
+
+class Undecodable(UpstreamError):
+    """An answer to one of harbord's own requests (Pools.fetch_json) is not what Ollama
+    sends: not JSON, or not of the expected shape."""
+
+    error_class = "other"
+
+
 class Receiver(Protocol):
     """What a connection serves: the exchange reading one answer (upstream.Exchange)."""
 

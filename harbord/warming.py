@@ -15,10 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 
-import aiohttp
+import msgspec
 
 from harbord.backends import Backend
 from harbord.harbor import Harbor
+from harbord.upstream import StatusError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,18 @@ async def _load(
     body: dict[str, object] = {"model": model}
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=backend.config.connect_timeout,
-        sock_read=backend.config.first_byte_timeout,
-    )
+    # The empty generate answers once, when the model is loaded: connecting, then loading
+    # for up to first_byte_timeout, as a request's first byte may take.
+    timeout = backend.config.connect_timeout + backend.config.first_byte_timeout
     started = time.monotonic()
     try:
-        async with harbor.session.post(
-            f"{backend.config.url}/api/generate", json=body, timeout=timeout
-        ) as resp:
-            await resp.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        await harbor.prober.pools.fetch(
+            backend.config.url, "POST", "/api/generate", timeout, msgspec.json.encode(body)
+        )
+    except StatusError as err:
+        return f"the backend answered {err.status}"
+    except UpstreamError as err:
         return type(err).__name__
-    if resp.status != 200:
-        return f"the backend answered {resp.status}"
     log.info(
         "warmed %s on %s in %.1fs (keep_alive %s)",
         model,
