@@ -510,6 +510,12 @@ class Backend:
             service_ms={m: round(ms, 1) for m, ms in self.service_ms.items()},
             memory_note=self._memory_note(),
             default_context=self.default_context,
+            capacity=self.capacity.models,
+            capacity_source=self.capacity.source,
+            kept_hot=sorted(m for m in self.kept_hot if self.resident and m in self.resident),
+            loads=dict(self.loads),
+            evictions=dict(self.evictions),
+            load_ms={m: round(ms, 1) for m, ms in self.load_ms.items()},
         )
 
     def _memory_note(self) -> str | None:

@@ -9,6 +9,8 @@ of the same client for harbord's reads off the request path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -21,6 +23,7 @@ from harbord import __version__, policy
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.health import Prober
+from harbord.keep_hot import keep_hot
 from harbord.ledger import Ledger
 from harbord.scheduler import Scheduler
 from harbord.schemas import (
@@ -47,8 +50,8 @@ class Harbor:
         # Every request that reaches a backend is admitted, placed and accounted there.
         self.scheduler = Scheduler(config, self.state)
         self.scheduler.status_changed = lambda: self.status_changed()
-        # The relay's own keep-alive connections to the backends (the hot path).
-        self.upstreams = Pools()
+        self.scheduler.pools = self.upstreams = Pools()  # the request path's connections
+        self._keep_hot: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
         self.status_changed: Callable[[], None] = lambda: None
         # Set by the supervisor when systemd is there: (backend name) -> (ok, message).
@@ -75,8 +78,15 @@ class Harbor:
         scheduler.read_loaded = self._prober.after_load
         await self._prober.probe_all(list(self.backends.values()))
         self._prober.start(list(self.backends.values()))
+        self._keep_hot = asyncio.create_task(
+            keep_hot(self.scheduler, asyncio.Event()), name="keep-hot"
+        )
 
     async def close(self) -> None:
+        if self._keep_hot is not None:
+            self._keep_hot.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keep_hot
         if self._prober is not None:
             await self._prober.stop()
         await self.state.flush()

@@ -68,8 +68,8 @@ def learn(outcome: Outcome, cpu_backend: str | None) -> Lessons:
             healthy=True,
             service_ms=outcome.service_ms,
             load_ms=outcome.load_ms if loaded else None,
-            resident=outcome.service_ms is not None,
-            read_loaded=outcome.service_ms is not None,
+            resident=True,
+            read_loaded=True,
         )
     pin = None
     if (

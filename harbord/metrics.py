@@ -181,6 +181,25 @@ class HarborCollector(Collector):
         yield from gauges.values()
         yield health
 
+        # Residency (issue 16): model loads and evictions seen per backend and model.
+        loads = CounterMetricFamily(
+            "harbor_model_loads",
+            "Model loads seen on a backend (answers that loaded the model)",
+            labels=["backend", "model"],
+        )
+        evictions = CounterMetricFamily(
+            "harbor_model_evictions",
+            "Models a backend unloaded before their keep_alive ran out (evicted)",
+            labels=["backend", "model"],
+        )
+        for backend in harbor.backends.values():
+            for model, count in sorted(backend.loads.items()):
+                loads.add_metric([backend.name, model], count)
+            for model, count in sorted(backend.evictions.items()):
+                evictions.add_metric([backend.name, model], count)
+        yield loads
+        yield evictions
+
         histograms = (
             (
                 "harbor_time_to_first_byte_seconds",

@@ -193,3 +193,22 @@ def count_recent(times: Sequence[float], now: float) -> int:
     """How many of `times` (ascending epoch seconds) fall in the usage window."""
     cutoff = now - USAGE_WINDOW
     return sum(1 for t in times if t > cutoff)
+
+
+def model_to_keep_hot(
+    usage: Mapping[str, Usage],
+    now: float,
+    resident: Mapping[str, Resident],
+    evicted_at: Mapping[str, float],
+    unloaded_by_user: Iterable[str],
+) -> str | None:
+    """The model to load again on an idle backend: the one `fast` requests use most
+    now, if a load evicted it from this backend (not if its keep_alive ran out, and
+    not after the user's own unload)."""
+    model = most_used(usage, now)
+    if model is None or model in resident or model in set(unloaded_by_user):
+        return None
+    evicted = evicted_at.get(model)
+    if evicted is None or now - evicted > USAGE_WINDOW:
+        return None
+    return model

@@ -23,6 +23,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
+import msgspec
+
 from harbord import learning, policy, residency
 from harbord.backends import Backend
 from harbord.config import Config
@@ -31,6 +33,7 @@ from harbord.policy import BackendView, RouteRequest
 from harbord.residency import Usage
 from harbord.schemas import Intent, ModelFacts, Plan
 from harbord.state import StateStore
+from harbord.upstream import Pools, StatusError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ class Scheduler:
         # A served answer that loaded a model: read that backend's /api/ps now.
         self.read_loaded: Callable[[Backend], object] = lambda backend: None
         self.status_changed: Callable[[], None] = lambda: None
+        # The client preloads go through (the request path's pools; set by Harbor).
+        self.pools = Pools()
         self.build_backends(config)
 
     # -- the backends ------------------------------------------------------------
@@ -118,10 +123,25 @@ class Scheduler:
     # -- placement ---------------------------------------------------------------
 
     def place(self, request: RouteRequest) -> Plan:
+        plan = self.plan_only(request)
+        model = plan.model
+        if model is not None:
+            if plan.intent == "fast" and not plan.forced:
+                self.usage.record(model, time.time())
+            for backend in self.backends.values():
+                backend.requested(model)
+            if model not in self.facts():
+                # Never waited for: this plan goes without; a later one has the facts.
+                # Asked of the backend the plan goes to first, about to load the model.
+                self.want_facts(model, [self.backends[name] for name in plan.backends])
+        return plan
+
+    def plan_only(self, request: RouteRequest) -> Plan:
+        """The plan a request would get, without counting it as one (route, keep-hot)."""
         routing = self.config.routing
         facts = self.facts()
         now = time.time()
-        plan = policy.plan(
+        return policy.plan(
             request,
             self.views(),  # brings each view's load up to date
             self.state.pins,
@@ -134,17 +154,6 @@ class Scheduler:
             cpu_slowdown=routing.cpu_slowdown,
             usage=self.usage,
         )
-        model = plan.model
-        if model is not None:
-            if plan.intent == "fast" and not plan.forced:
-                self.usage.record(model, now)
-            for backend in self.backends.values():
-                backend.requested(model)
-            if model not in facts:
-                # Never waited for: this plan goes without; a later one has the facts.
-                # Asked of the backend the plan goes to first, about to load the model.
-                self.want_facts(model, [self.backends[name] for name in plan.backends])
-        return plan
 
     def place_without_model(self, forced: str | None) -> Plan:
         return policy.plan_without_model(self.views(), forced)
@@ -174,6 +183,37 @@ class Scheduler:
         finally:
             backend.finished(model)
             backend.limiter.release()
+
+    async def preload(
+        self, backend: Backend, model: str, keep_alive: str | int | None
+    ) -> str | None:
+        """Load `model` on `backend` with an empty generate (warm-up, keep-hot), holding a
+        slot like any request; None when it loaded, else what went wrong."""
+        body: dict[str, object] = {"model": model}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        config = backend.config
+        # The empty generate answers once, when the model is loaded.
+        timeout = config.connect_timeout + config.first_byte_timeout
+        async with self.admit(backend, "fast", model) as admitted:
+            if not admitted:
+                return "no free slot"
+            started = time.monotonic()
+            try:
+                answer = await self.pools.fetch(
+                    config.url, "POST", "/api/generate", timeout, msgspec.json.encode(body)
+                )
+            except StatusError as err:
+                return f"the backend answered {err.status}"
+            except UpstreamError as err:
+                return type(err).__name__
+        ms = (time.monotonic() - started) * 1000
+        load = learning.load_duration_ms(answer[-512:])
+        self.report(
+            Outcome(backend.name, config.kind, model, "/api/generate", served=True, load_ms=load)
+        )
+        log.info("loaded %s on %s in %.1fs", model, backend.name, ms / 1000)
+        return None
 
     # -- accounting --------------------------------------------------------------
 

@@ -193,6 +193,15 @@ class BackendStatus(msgspec.Struct):
     # GPU backends: the memory sources looked at and not found, when none was.
     memory_note: str | None = None
     default_context: int | None = None
+    # Residency (issue 16): how many models it holds at once and how that is known,
+    # the models harbord loaded again to keep them hot, and per model the loads and
+    # evictions seen here and the learned load time (ms).
+    capacity: int | None = None
+    capacity_source: CapacitySource | None = None
+    kept_hot: list[str] = []
+    loads: dict[str, int] = {}
+    evictions: dict[str, int] = {}
+    load_ms: dict[str, float] = {}
 
 
 class Counters(msgspec.Struct):

@@ -15,11 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
-
 from harbord.backends import Backend
 from harbord.harbor import Harbor
-from harbord.upstream import StatusError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +86,12 @@ async def _load(
     harbor: Harbor, backend: Backend, model: str, keep_alive: str | int | None
 ) -> str | None:
     """An empty generate loads the model; None when it did, else what went wrong."""
-    body: dict[str, object] = {"model": model}
-    if keep_alive is not None:
-        body["keep_alive"] = keep_alive
-    # The empty generate answers once, when the model is loaded: connecting, then loading
-    # for up to first_byte_timeout, as a request's first byte may take.
-    timeout = backend.config.connect_timeout + backend.config.first_byte_timeout
+    # Through the scheduler like any request: it holds a slot and what the load
+    # teaches (the load time, what is resident) is learned.
     started = time.monotonic()
-    try:
-        await harbor.prober.pools.fetch(
-            backend.config.url, "POST", "/api/generate", timeout, msgspec.json.encode(body)
-        )
-    except StatusError as err:
-        return f"the backend answered {err.status}"
-    except UpstreamError as err:
-        return type(err).__name__
+    error = await harbor.scheduler.preload(backend, model, keep_alive)
+    if error is not None:
+        return error
     log.info(
         "warmed %s on %s in %.1fs (keep_alive %s)",
         model,

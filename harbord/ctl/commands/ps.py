@@ -33,7 +33,14 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
     status = daemon.client.status()
     if args.json:  # one object per backend: its loaded models as /api/ps gives them
         loaded = {b.name: b.loaded for b in status.backends}
-        output.raw_json(msgspec.json.encode({"backends": loaded}))
+        capacity = {
+            b.name: {"loaded": len(b.loaded), "of": b.capacity, "source": b.capacity_source}
+            for b in status.backends
+        }
+        kept_hot = {b.name: b.kept_hot for b in status.backends}
+        output.raw_json(
+            msgspec.json.encode({"backends": loaded, "capacity": capacity, "kept_hot": kept_hot})
+        )
         return EX_OK
     print(render(status, time.time()))
     return EX_OK
@@ -41,13 +48,41 @@ def run(args: argparse.Namespace, daemon: Daemon) -> int:
 
 def render(status: Status, now: float) -> str:
     rows = [
-        (m.name, b.name, output.size(m.size), processor(m), context(m), until(m.expires_at, now))
+        (
+            m.name,
+            b.name,
+            output.size(m.size),
+            processor(m),
+            context(m),
+            until(m.expires_at, now),
+            "kept hot" if m.name in b.kept_hot else "",
+        )
         for b in status.backends
         for m in b.loaded
     ]
+    lines = [
+        capacity_line(b.name, len(b.loaded), b.capacity, b.capacity_source) for b in status.backends
+    ]
     if not rows:
-        return "no model is loaded on any backend"
-    return output.table(("MODEL", "BACKEND", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows)
+        return "\n".join(["no model is loaded on any backend", *lines])
+    header = ("MODEL", "BACKEND", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL", "")
+    return "\n".join([output.table(header, rows), *lines])
+
+
+_SOURCES = {
+    "config": "max_loaded in the configuration",
+    "unit": "OLLAMA_MAX_LOADED_MODELS of its unit",
+    "learned": "learned from an eviction",
+    "default": "Ollama's default",
+}
+
+
+def capacity_line(name: str, loaded: int, capacity: int | None, source: str | None) -> str:
+    """`gpu: 1 of 1 models (learned from an eviction)`."""
+    if capacity is None:
+        return f"{name}: {loaded} loaded"
+    noun = "model" if capacity == 1 else "models"
+    return f"{name}: {loaded} of {capacity} {noun} ({_SOURCES.get(source or '', source)})"
 
 
 def processor(model: LoadedModel) -> str:

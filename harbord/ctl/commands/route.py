@@ -56,7 +56,18 @@ def render(plan: Plan, indent: str = "") -> str:
         lines.append(f"{indent}  left out {step.backend}: {'; '.join(step.reasons)}")
     lines += [f"{indent}  note: {note}" for note in plan.notes]
     if plan.estimates:
-        header = ("BACKEND", "CONTEXT", "NEEDS", "BUDGET", "RUNNING", "QUEUED", "TAKES", "DONE IN")
+        header = (
+            "BACKEND",
+            "CONTEXT",
+            "NEEDS",
+            "BUDGET",
+            "RUNNING",
+            "QUEUED",
+            "TAKES",
+            "DONE IN",
+            "LOAD",
+            "EVICTS",
+        )
         rows = [_estimate(e) for e in plan.estimates]
         lines.append(output.table(header, rows, indent=f"{indent}  "))
     return "\n".join(lines)
@@ -76,4 +87,16 @@ def _estimate(e: BackendEstimate) -> tuple[str, ...]:
         str(e.queued),
         output.millis(e.service_ms),
         output.millis(e.expected_finish_ms),
+        _load(e),
+        ", ".join(e.evicts) or "-",
     )
+
+
+def _load(e: BackendEstimate) -> str:
+    """Whether the model is loaded there, else the load it would take."""
+    if e.resident is None:
+        return "-"
+    if e.resident:
+        return "loaded"
+    how = "learned" if e.load_learned else "estimated"
+    return f"{output.millis(e.load_ms)} ({how})"
