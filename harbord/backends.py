@@ -13,21 +13,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import fields
-from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+from harbord.admission import Limiter
 from harbord.config import BackendConfig
 from harbord.gpu_memory import GpuFigures
 from harbord.memory import choose_budget, default_context, spill_budget, update_spills
 from harbord.policy import BackendView, normalize_model
-from harbord.queueing import WaitQueue, ewma
-from harbord.residency import Capacity, Resident, choose_capacity, learn_capacity
+from harbord.queueing import ewma
+from harbord.residency_facts import ResidencyFacts
 from harbord.schemas import (
     BackendStatus,
     ErrorClass,
     Health,
-    Intent,
     LoadedModel,
     MemoryBudget,
     PsModel,
@@ -38,78 +37,8 @@ log = logging.getLogger(__name__)
 
 PS_REREAD = 10.0  # seconds before an answer for the same model asks /api/ps again
 
-# How long Ollama keeps a model loaded when neither the request nor the unit says
-# (OLLAMA_KEEP_ALIVE's default): what an answer's model is taken to expire after
-# until /api/ps says when.
-DEFAULT_KEEP_ALIVE = 300.0
-
 # The view's fields but the load's (in_flight, queued), which `Backend.view` refreshes.
 _KEPT_FIELDS = tuple(f.name for f in fields(BackendView) if f.name not in ("in_flight", "queued"))
-
-
-class Limiter:
-    """At most `limit` requests at once, at most `max_queue` waiting for a slot.
-
-    `acquire` answers False at once when the queue is full and after
-    `queue_timeout` seconds of waiting, so the caller can spill to the next
-    backend instead of waiting without bound. A limit of 0 means no limit.
-    Waiters are served `fast` before `heavy`, with ageing (queueing.WaitQueue).
-    """
-
-    def __init__(
-        self, limit: int, max_queue: int, queue_timeout: float, fast_head_start: float = 10.0
-    ) -> None:
-        self.limit = limit
-        self.max_queue = max_queue
-        self.queue_timeout = queue_timeout
-        self.active = 0
-        self._waiters: WaitQueue[asyncio.Future[None]] = WaitQueue(fast_head_start)
-
-    @property
-    def fast_head_start(self) -> float:
-        return self._waiters.fast_head_start
-
-    @fast_head_start.setter
-    def fast_head_start(self, seconds: float) -> None:
-        self._waiters.fast_head_start = seconds  # for later arrivals; keys are fixed
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self, intent: Intent = "fast") -> bool:
-        if not self.limit or (self.active < self.limit and not self._waiters):
-            self.active += 1
-            return True
-        if len(self._waiters) >= self.max_queue:
-            return False
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.push(waiter, intent, loop.time())
-        try:
-            async with asyncio.timeout(self.queue_timeout):
-                await waiter
-        except TimeoutError:
-            # Handed a slot just as the time ran out: take it rather than lose it.
-            return waiter.done() and not waiter.cancelled()
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # we were handed a slot as we were cancelled
-            raise
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-            self._waiters.remove(waiter)  # False when release() popped it already
-        return True
-
-    def release(self) -> None:
-        # Hand the slot straight to the next waiter, so a new arrival cannot jump the queue.
-        while self._waiters:
-            waiter = self._waiters.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.active -= 1
 
 
 class Backend:
@@ -148,23 +77,8 @@ class Backend:
         # pointing away from it, and the prober reads the GPU's memory again.
         self.came_up = False
         self.rediscover = asyncio.Event()
-        # Residency (issue 16). What is loaded here (None until /api/ps was read),
-        # updated in place by answers and reads, and read live through the view.
-        self.resident: dict[str, Resident] | None = None
-        self._resident_view: MappingProxyType[str, Resident] | None = None
-        self.running: dict[str, int] = {}  # model -> generations running here now
-        self._running_view = MappingProxyType(self.running)
-        self.load_ms: dict[str, float] = {}  # model -> moving average of its loads, ms
-        self._load_view = MappingProxyType(self.load_ms)
-        self.unit_max_loaded: int | None = None  # OLLAMA_MAX_LOADED_MODELS of its unit
-        self.learned_max_loaded: int | None = None
-        self.capacity = choose_capacity(config.max_loaded, None, None)
-        self.loads: dict[str, int] = {}  # model -> loads seen here (metrics)
-        self.evictions: dict[str, int] = {}  # model -> evictions seen here (metrics)
-        self.kept_hot: set[str] = set()  # models harbord loaded again to keep them hot
-        self.evicted_at: dict[str, float] = {}  # model -> when it left before its time
-        self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
-        self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
+        # Residency (issue 16): what is loaded here, its slots, loads and evictions.
+        self.residency = ResidencyFacts(name, config.max_loaded, self.changed)
         self._view: BackendView
         self._view_fields: dict[str, Any] = {}
         self.changed()
@@ -215,11 +129,11 @@ class Backend:
             queued=self.limiter.queued,
             service_ms=self._service_view,
             spilled_contexts=self.spilled_contexts,
-            resident=self._resident_view,
-            capacity=self.capacity.models,
-            capacity_source=self.capacity.source,
-            load_ms=self._load_view,
-            running=self._running_view,
+            resident=self.residency.view,
+            capacity=self.residency.capacity.models,
+            capacity_source=self.residency.capacity.source,
+            load_ms=self.residency.load_view,
+            running=self.residency.running_view,
         )
 
     @property
@@ -248,103 +162,13 @@ class Backend:
         name = normalize_model(model)
         self.service_ms[name] = ewma(self.service_ms.get(name), duration_ms)
 
-    # -- residency (the scheduler's door) --------------------------------------
-
-    def started(self, model: str | None) -> None:
-        if model is not None:
-            self.running[model] = self.running.get(model, 0) + 1
-
-    def finished(self, model: str | None) -> None:
-        if model is not None:
-            left = self.running.get(model, 0) - 1
-            if left > 0:
-                self.running[model] = left
-            else:
-                self.running.pop(model, None)
-
-    def requested(self, model: str) -> None:
-        """A request asked for `model`: the user's earlier unload no longer holds."""
-        self.unloaded_by_user.discard(model)
-
-    def user_unloaded(self, model: str) -> None:
-        self.unloaded_by_user.add(model)
-        self.kept_hot.discard(model)
-
-    def record_load(self, model: str, load_ms: float) -> None:
-        self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
-
     def answered(self, model: str, now: float, load_ms: float | None) -> bool:
         """`model` answered here just now: it is loaded. Returns whether /api/ps is worth
         reading (the answer loaded it, or it was not known to be here): then what it
         evicted, a spill, and the slots are learned from what /api/ps shows."""
-        resident = self.resident
-        if resident is None:
+        if self.residency.answered(model, now, load_ms):
             return self.answer_loaded(model, now)
-        entry = resident.get(model)
-        if entry is not None and (entry.expires is None or entry.expires > now):
-            resident[model] = Resident(entry.size, entry.context, entry.expires, now)
-            return load_ms is not None and self.answer_loaded(model, now)
-        self._load_before = (model, set(resident))
-        self.loads[model] = self.loads.get(model, 0) + 1
-        resident[model] = Resident(0, 0, now + DEFAULT_KEEP_ALIVE, now)
-        return self.answer_loaded(model, now)
-
-    def set_capacity_sources(self, unit_max_loaded: int | None) -> None:
-        """The unit's OLLAMA_MAX_LOADED_MODELS, as the supervisor read it."""
-        if unit_max_loaded != self.unit_max_loaded:
-            self.unit_max_loaded = unit_max_loaded
-            self._choose_capacity()
-
-    def _choose_capacity(self) -> None:
-        capacity: Capacity = choose_capacity(
-            self.config.max_loaded, self.unit_max_loaded, self.learned_max_loaded
-        )
-        if capacity != self.capacity:
-            self.capacity = capacity
-            self.changed()
-
-    def _sync_resident(self, loaded: list[PsModel]) -> None:
-        """What /api/ps showed: the resident models, what left before its time (an
-        eviction), and after a load, how many models the backend holds at once."""
-        now = time.time()
-        before = self.resident or {}
-        fresh: dict[str, Resident] = {}
-        for entry in loaded:
-            name = normalize_model(entry.name)
-            old = before.get(name)
-            fresh[name] = Resident(
-                entry.size,
-                entry.context_length,
-                parse_expiry(entry.expires_at),
-                old.last_used if old is not None else now,
-            )
-        for name, old in before.items():
-            if name not in fresh and old.expires is not None and old.expires > now + 1.0:
-                self.evictions[name] = self.evictions.get(name, 0) + 1
-                self.evicted_at[name] = now
-                log.info("%s left %s before its time (evicted)", name, self.name)
-        pending, self._load_before = self._load_before, None
-        if pending is not None:
-            model, was = pending
-            budget = self.budget.bytes if self.budget is not None else None
-            forced = (
-                budget is not None
-                and sum(e.size for e in fresh.values())
-                + sum(before[n].size for n in was - set(fresh) if n in before)
-                > budget
-            )
-            learned = learn_capacity(was, fresh, model, forced)
-            if learned is not None and learned != self.learned_max_loaded:
-                log.info(
-                    "%s holds %d model(s) at once (learned from an eviction)", self.name, learned
-                )
-                self.learned_max_loaded = learned
-                self._choose_capacity()
-        known = self.resident is not None
-        self.resident = fresh
-        self._resident_view = MappingProxyType(fresh)
-        if not known:
-            self.changed()
+        return False
 
     def set_gpu_figures(self, figures: GpuFigures) -> None:
         if figures != self.gpu_figures:
@@ -357,9 +181,7 @@ class Backend:
         self.limiter.max_queue = config.max_queue
         self.limiter.queue_timeout = config.queue_timeout
         self.rediscover.set()  # vram or the unit may have changed
-        self.capacity = choose_capacity(
-            config.max_loaded, self.unit_max_loaded, self.learned_max_loaded
-        )
+        self.residency.reconfigure(config.max_loaded)
         self.changed()
 
     # -- health transitions -----------------------------------------------------
@@ -438,7 +260,7 @@ class Backend:
             self.models = models
             changed = True
         if loaded is not None:
-            self._sync_resident(loaded)
+            self.residency.sync(loaded, self.budget)
         if loaded is not None and loaded != self.loaded:
             self.loaded = loaded
             self._learn_spills(loaded)
@@ -463,7 +285,7 @@ class Backend:
 
     def set_loaded(self, loaded: list[PsModel]) -> None:
         """What /api/ps shows loaded now (Prober.after_load): spills are learned at once."""
-        self._sync_resident(loaded)
+        self.residency.sync(loaded, self.budget)
         if loaded != self.loaded:
             self.loaded = loaded
             self._learn_spills(loaded)
@@ -510,12 +332,12 @@ class Backend:
             service_ms={m: round(ms, 1) for m, ms in self.service_ms.items()},
             memory_note=self._memory_note(),
             default_context=self.default_context,
-            capacity=self.capacity.models,
-            capacity_source=self.capacity.source,
-            kept_hot=sorted(m for m in self.kept_hot if self.resident and m in self.resident),
-            loads=dict(self.loads),
-            evictions=dict(self.evictions),
-            load_ms={m: round(ms, 1) for m, ms in self.load_ms.items()},
+            capacity=self.residency.capacity.models,
+            capacity_source=self.residency.capacity.source,
+            kept_hot=self.residency.hot_now(),
+            loads=dict(self.residency.loads),
+            evictions=dict(self.residency.evictions),
+            load_ms={m: round(ms, 1) for m, ms in self.residency.load_ms.items()},
         )
 
     def _memory_note(self) -> str | None:
@@ -523,20 +345,3 @@ class Backend:
             return None
         missing = self.gpu_figures.missing
         return "; ".join(missing) if missing else "not looked for yet"
-
-
-def parse_expiry(expires_at: str | None) -> float | None:
-    """/api/ps's `expires_at` (RFC 3339 with nanoseconds and an offset) as epoch seconds."""
-    if not expires_at:
-        return None
-    text = expires_at.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    head, dot, rest = text.partition(".")
-    if dot:  # Go writes nanoseconds; Python takes at most microseconds
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None

@@ -34,26 +34,26 @@ async def keep_hot(scheduler: Scheduler, wake: asyncio.Event) -> None:
         if not scheduler.config.routing.keep_hot:
             continue
         for backend in list(scheduler.backends.values()):
-            if backend.config.kind != "gpu" or backend.resident is None:
+            if backend.config.kind != "gpu" or backend.residency.resident is None:
                 continue
             if backend.in_flight or backend.limiter.queued or backend.health != "up":
                 continue
             model = residency.model_to_keep_hot(
                 scheduler.usage,
                 time.time(),
-                backend.resident,
-                backend.evicted_at,
-                backend.unloaded_by_user,
+                backend.residency.resident,
+                backend.residency.evicted_at,
+                backend.residency.unloaded_by_user,
             )
             if model is None or (backend.models is not None and model not in backend.models):
                 continue
             plan = scheduler.plan_only(RouteRequest(model=model))
             if not plan.steps or plan.steps[0].backend != backend.name:
                 continue  # the model's fast requests go elsewhere now
-            backend.evicted_at.pop(model, None)
+            backend.residency.evicted_at.pop(model, None)
             log.info("keeping %s hot: loading it again on idle %s", model, backend.name)
             error = await scheduler.preload(backend, model, None)
             if error is None:
-                backend.kept_hot.add(model)
+                backend.residency.kept_hot.add(model)
             else:
                 log.warning("keeping %s hot on %s failed: %s", model, backend.name, error)

@@ -193,9 +193,9 @@ class HarborCollector(Collector):
             labels=["backend", "model"],
         )
         for backend in harbor.backends.values():
-            for model, count in sorted(backend.loads.items()):
+            for model, count in sorted(backend.residency.loads.items()):
                 loads.add_metric([backend.name, model], count)
-            for model, count in sorted(backend.evictions.items()):
+            for model, count in sorted(backend.residency.evictions.items()):
                 evictions.add_metric([backend.name, model], count)
         yield loads
         yield evictions

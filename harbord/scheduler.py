@@ -129,7 +129,7 @@ class Scheduler:
             if plan.intent == "fast" and not plan.forced:
                 self.usage.record(model, time.time())
             for backend in self.backends.values():
-                backend.requested(model)
+                backend.residency.requested(model)
             if model not in self.facts():
                 # Never waited for: this plan goes without; a later one has the facts.
                 # Asked of the backend the plan goes to first, about to load the model.
@@ -163,7 +163,7 @@ class Scheduler:
         kept hot against their wish (until it is asked for again)."""
         plan = policy.plan_unload(self.views(), model, forced)
         for name in plan.backends:
-            self.backends[name].user_unloaded(model)
+            self.backends[name].residency.user_unloaded(model)
         return plan
 
     # -- admission ---------------------------------------------------------------
@@ -177,11 +177,11 @@ class Scheduler:
         if not await backend.limiter.acquire(intent):
             yield False
             return
-        backend.started(model)
+        backend.residency.started(model)
         try:
             yield True
         finally:
-            backend.finished(model)
+            backend.residency.finished(model)
             backend.limiter.release()
 
     async def preload(
@@ -238,7 +238,7 @@ class Scheduler:
         if lessons.service_ms is not None:
             backend.record_service(model, lessons.service_ms)
         if lessons.load_ms is not None:
-            backend.record_load(model, lessons.load_ms)
+            backend.residency.record_load(model, lessons.load_ms)
         if lessons.resident and backend.answered(model, time.time(), lessons.load_ms):
             self.read_loaded(backend)
 

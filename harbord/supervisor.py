@@ -42,11 +42,14 @@ from harbord.systemctl import (
     parse_show,
     systemctl,
 )
+from harbord.unit_env import SHOW_ENVIRONMENT, env_file_paths, max_loaded, unit_environment
 from harbord.warming import loaded_models, warm
 
 log = logging.getLogger(__name__)
 
-SHOW_PROPERTIES = "ActiveState,SubState,NRestarts,MainPID,StateChangeTimestamp,LoadState"
+SHOW_PROPERTIES = (
+    "ActiveState,SubState,NRestarts,MainPID,StateChangeTimestamp,LoadState," + SHOW_ENVIRONMENT
+)
 
 TICK = 0.25  # seconds between the cheap looks at the backends
 ACTION_TIMEOUT = 120.0  # a stop may take TimeoutStopSec, then the start
@@ -197,6 +200,11 @@ class Supervisor:
             )
             return
         props = parse_show(out)
+        backend.residency.set_capacity_sources(
+            max_loaded(
+                unit_environment(props.get("Environment", ""), _read_env_files(env_file_paths(out)))
+            )
+        )
         old = watch.props
         if (old.get("ActiveState"), old.get("SubState")) != (
             props.get("ActiveState"),
@@ -373,3 +381,12 @@ async def start_supervision(harbor: Harbor) -> Supervisor | None:
         ", ".join(f"{b.name}={b.config.unit}" for b in harbor.backends.values()),
     )
     return supervisor
+
+
+def _read_env_files(paths: list[str]) -> list[str]:
+    """The unit's environment files that exist (systemd skips the missing `-` ones too)."""
+    texts = []
+    for path in paths:
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(path, encoding="utf-8") as f:
+            texts.append(f.read(64 * 1024))
+    return texts

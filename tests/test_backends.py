@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from harbord import harbor_endpoints as api
-from harbord.backends import Backend, Limiter
+from harbord.admission import Limiter
+from harbord.backends import Backend
 from harbord.config import BackendConfig, ByteSize
 from harbord.gpu_memory import GpuFigures
 from harbord.memory import ALLOWANCE, GIB

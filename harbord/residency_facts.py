@@ -1,0 +1,172 @@
+"""What is loaded on one backend, as harbord saw it: the door residency facts change by.
+
+Kept per backend (`Backend.residency`): the resident models (from /api/ps, and
+from the answers harbord relays, so a load is known before the next read), the
+generations running per model, learned load times, how many models the backend
+holds at once (residency.choose_capacity) and what a load showed about it, and
+the loads and evictions seen. The policy reads the live mappings through the
+backend's view; only the scheduler and the prober's reads change them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from types import MappingProxyType
+
+from harbord.policy import normalize_model
+from harbord.queueing import ewma
+from harbord.residency import Capacity, Resident, choose_capacity, learn_capacity
+from harbord.schemas import MemoryBudget, PsModel
+
+log = logging.getLogger(__name__)
+
+# How long Ollama keeps a model loaded when neither the request nor the unit says
+# (OLLAMA_KEEP_ALIVE's default): what an answer's model is taken to expire after
+# until /api/ps says when.
+DEFAULT_KEEP_ALIVE = 300.0
+
+
+class ResidencyFacts:
+    def __init__(self, name: str, configured: int | None, changed: Callable[[], None]) -> None:
+        self.name = name
+        self.configured = configured  # max_loaded in the configuration
+        self.changed = changed  # the view shows capacity and whether residency is known
+        self.resident: dict[str, Resident] | None = None  # None until /api/ps was read
+        self.view: MappingProxyType[str, Resident] | None = None
+        self.running: dict[str, int] = {}  # model -> generations running here now
+        self.running_view = MappingProxyType(self.running)
+        self.load_ms: dict[str, float] = {}  # model -> moving average of its loads, ms
+        self.load_view = MappingProxyType(self.load_ms)
+        self.unit_max_loaded: int | None = None  # OLLAMA_MAX_LOADED_MODELS of its unit
+        self.learned_max_loaded: int | None = None
+        self.capacity = choose_capacity(configured, None, None)
+        self.loads: dict[str, int] = {}  # model -> loads seen here (metrics)
+        self.evictions: dict[str, int] = {}  # model -> evictions seen here (metrics)
+        self.kept_hot: set[str] = set()  # models harbord loaded again to keep them hot
+        self.evicted_at: dict[str, float] = {}  # model -> when it left before its time
+        self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
+        self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
+
+    def started(self, model: str | None) -> None:
+        if model is not None:
+            self.running[model] = self.running.get(model, 0) + 1
+
+    def finished(self, model: str | None) -> None:
+        if model is not None:
+            left = self.running.get(model, 0) - 1
+            if left > 0:
+                self.running[model] = left
+            else:
+                self.running.pop(model, None)
+
+    def requested(self, model: str) -> None:
+        """A request asked for `model`: the user's earlier unload no longer holds."""
+        self.unloaded_by_user.discard(model)
+
+    def user_unloaded(self, model: str) -> None:
+        self.unloaded_by_user.add(model)
+        self.kept_hot.discard(model)
+
+    def record_load(self, model: str, load_ms: float) -> None:
+        self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
+
+    def answered(self, model: str, now: float, load_ms: float | None) -> bool:
+        """`model` answered just now: it is loaded. True when that is news (a load, or
+        residency not known yet), and /api/ps is worth reading."""
+        resident = self.resident
+        if resident is None:
+            return True
+        entry = resident.get(model)
+        if entry is not None and (entry.expires is None or entry.expires > now):
+            resident[model] = Resident(entry.size, entry.context, entry.expires, now)
+            return load_ms is not None
+        self._load_before = (model, set(resident))
+        self.loads[model] = self.loads.get(model, 0) + 1
+        resident[model] = Resident(0, 0, now + DEFAULT_KEEP_ALIVE, now)
+        return True
+
+    def set_capacity_sources(self, unit_max_loaded: int | None) -> None:
+        """The unit's OLLAMA_MAX_LOADED_MODELS, as the supervisor read it."""
+        if unit_max_loaded != self.unit_max_loaded:
+            self.unit_max_loaded = unit_max_loaded
+            self._choose_capacity()
+
+    def reconfigure(self, configured: int | None) -> None:
+        self.configured = configured
+        self._choose_capacity()
+
+    def _choose_capacity(self) -> None:
+        capacity: Capacity = choose_capacity(
+            self.configured, self.unit_max_loaded, self.learned_max_loaded
+        )
+        if capacity != self.capacity:
+            self.capacity = capacity
+            self.changed()
+
+    def hot_now(self) -> list[str]:
+        """The models kept hot that are still loaded."""
+        return sorted(m for m in self.kept_hot if self.resident and m in self.resident)
+
+    def sync(self, loaded: list[PsModel], budget: MemoryBudget | None) -> None:
+        """What /api/ps showed: the resident models, what left before its time (an
+        eviction), and after a load, how many models the backend holds at once."""
+        now = time.time()
+        before = self.resident or {}
+        fresh: dict[str, Resident] = {}
+        for entry in loaded:
+            name = normalize_model(entry.name)
+            old = before.get(name)
+            fresh[name] = Resident(
+                entry.size,
+                entry.context_length,
+                parse_expiry(entry.expires_at),
+                old.last_used if old is not None else now,
+            )
+        for name, old in before.items():
+            if name not in fresh and old.expires is not None and old.expires > now + 1.0:
+                self.evictions[name] = self.evictions.get(name, 0) + 1
+                self.evicted_at[name] = now
+                log.info("%s left %s before its time (evicted)", name, self.name)
+        pending, self._load_before = self._load_before, None
+        if pending is not None:
+            model, was = pending
+            # Memory, not a slot, pushed them out when everything would not fit.
+            limit = budget.bytes if budget is not None else None
+            forced = (
+                limit is not None
+                and sum(e.size for e in fresh.values())
+                + sum(before[n].size for n in was - set(fresh) if n in before)
+                > limit
+            )
+            learned = learn_capacity(was, fresh, model, forced)
+            if learned is not None and learned != self.learned_max_loaded:
+                log.info(
+                    "%s holds %d model(s) at once (learned from an eviction)", self.name, learned
+                )
+                self.learned_max_loaded = learned
+                self._choose_capacity()
+        known = self.resident is not None
+        self.resident = fresh
+        self.view = MappingProxyType(fresh)
+        if not known:
+            self.changed()
+
+
+def parse_expiry(expires_at: str | None) -> float | None:
+    """/api/ps's `expires_at` (RFC 3339 with nanoseconds and an offset) as epoch seconds."""
+    if not expires_at:
+        return None
+    text = expires_at.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    head, dot, rest = text.partition(".")
+    if dot:  # Go writes nanoseconds; Python takes at most microseconds
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
