@@ -1,0 +1,303 @@
+"""Residency (issue 16), table-driven: what is loaded where, what a load costs, whom it evicts.
+
+The pure pieces (residency.py) and the policy's residency rule over BackendViews
+that carry resident models, capacity, learned load times and fast usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import pytest
+
+from harbord import residency
+from harbord.policy import BackendView, RouteRequest, plan
+from harbord.residency import Resident, Usage
+from harbord.residency_facts import ResidencyFacts, parse_expiry
+from harbord.schemas import MemoryBudget, Plan, PsModel
+
+NOW = 1_000_000.0
+GB = 1_000_000_000
+CHAT = "llama3.1:latest"
+EMBED = "nomic-embed-text:latest"
+CODER = "qwen2.5-coder:7b"
+MODELS = {CHAT: int(4.9 * GB), EMBED: int(0.27 * GB), CODER: int(4.7 * GB)}
+
+# A 12 GiB GPU holding one model at a time, with the chat model loaded; a CPU with nothing.
+GPU = BackendView(
+    "gpu",
+    "gpu",
+    "up",
+    models=MODELS,
+    budget=MemoryBudget(12 * 1024**3, "config"),
+    resident={CHAT: Resident(int(5.5 * GB), 4096, NOW + 1800, NOW - 5)},
+    capacity=1,
+    capacity_source="unit",
+    load_ms={CHAT: 1500.0},
+    service_ms={CHAT: 150.0, EMBED: 5.0},
+)
+CPU = BackendView(
+    "cpu",
+    "cpu",
+    "up",
+    models=MODELS,
+    parallel=2,
+    resident={},
+    capacity=3,
+    service_ms={EMBED: 30.0, CHAT: 1000.0},
+)
+# The chat model is interactive: 14 fast requests in the last five minutes.
+CHATTING = {CHAT: Usage(14, NOW - 5)}
+
+
+def place(
+    model: str,
+    backends: tuple[BackendView, ...] = (GPU, CPU),
+    intent: str | None = None,
+    usage: Mapping[str, Usage] = CHATTING,
+    num_ctx: int | None = None,
+) -> Plan:
+    return plan(
+        RouteRequest(model, intent_header=intent, num_ctx=num_ctx),
+        backends,
+        {},
+        {},
+        {},
+        "fast",
+        NOW,
+        usage=usage,
+    )
+
+
+CASES = [
+    # name, model, backends, intent, usage, expected order, deciding rule
+    ("chat stays on the gpu where it is loaded", CHAT, (GPU, CPU), None, CHATTING, ["gpu", "cpu"]),
+    (
+        "an embedding that would evict the hot chat model goes to the cpu",
+        EMBED,
+        (GPU, CPU),
+        None,
+        CHATTING,
+        ["cpu", "gpu"],
+    ),
+    (
+        "the same embedding with nobody chatting: the gpu (a load evicts nothing hot)",
+        EMBED,
+        (GPU, CPU),
+        None,
+        {},
+        ["gpu", "cpu"],
+    ),
+    (
+        "chat used long ago is not hot: its eviction costs nothing",
+        EMBED,
+        (GPU, CPU),
+        None,
+        {CHAT: Usage(14, NOW - 3600)},
+        ["gpu", "cpu"],
+    ),
+    (
+        "room for both (capacity 3): nothing evicted, the gpu",
+        EMBED,
+        (replace(GPU, capacity=3), CPU),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+    (
+        "no room in memory though capacity allows it: the hot model would go, the cpu",
+        CODER,
+        (
+            replace(
+                GPU,
+                capacity=3,
+                budget=MemoryBudget(8 * 1024**3, "config"),
+                service_ms={CHAT: 150.0, CODER: 150.0},
+            ),
+            replace(CPU, service_ms={CODER: 400.0}),
+        ),
+        None,
+        CHATTING,
+        ["cpu", "gpu"],
+    ),
+    (
+        "a busy hot model is never evicted: nothing predicted, the gpu",
+        EMBED,
+        (replace(GPU, running={CHAT: 1}, in_flight=0), CPU),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+    (
+        "heavy never weighs the gpu against the cpu",
+        EMBED,
+        (GPU, CPU),
+        "heavy",
+        CHATTING,
+        ["cpu", "gpu"],
+    ),
+    (
+        "the cpu much slower than a reload: the gpu even so",
+        CHAT + "x",
+        (
+            replace(GPU, models={**MODELS, CHAT + "x": 5 * GB}, service_ms={CHAT + "x": 200.0}),
+            replace(CPU, models={**MODELS, CHAT + "x": 5 * GB}, service_ms={CHAT + "x": 20000.0}),
+        ),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+    (
+        "residency not known yet (no /api/ps read): the rule stays out",
+        EMBED,
+        (replace(GPU, resident=None), replace(CPU, resident=None)),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+    (
+        "expired chat model: nothing to evict",
+        EMBED,
+        (replace(GPU, resident={CHAT: Resident(int(5.5 * GB), 4096, NOW - 1, NOW - 400)}), CPU),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "backends", "intent", "usage", "expected"),
+    CASES,
+    ids=[c[0] for c in CASES],
+)
+def test_residency_rule(
+    name: str,
+    model: str,
+    backends: tuple[BackendView, ...],
+    intent: str | None,
+    usage: Mapping[str, Usage],
+    expected: list[str],
+) -> None:
+    assert place(model, backends, intent, usage).backends == expected
+
+
+def test_the_reasons_name_the_load_and_whom_it_evicts() -> None:
+    result = place(EMBED)
+    assert result.rule == "residency"
+    gpu = next(s for s in result.steps if s.backend == "gpu")
+    cpu = next(s for s in result.steps if s.backend == "cpu")
+    assert f"evicts {CHAT} (fast, 14 requests in 5 min)" in "; ".join(gpu.reasons)
+    assert "load 0.5 s (estimated)" in "; ".join(gpu.reasons)
+    assert cpu.reasons[0].endswith("on gpu: first")
+    estimates = {e.backend: e for e in result.estimates}
+    assert estimates["gpu"].evicts == [CHAT]
+    assert estimates["gpu"].resident is False
+    assert estimates["gpu"].eviction_ms > 0
+    assert (estimates["gpu"].capacity, estimates["gpu"].capacity_source) == (1, "unit")
+    assert estimates["cpu"].evicts == []
+
+
+def test_a_model_loaded_at_another_context_counts_as_not_loaded() -> None:
+    result = place(CHAT, num_ctx=16384)
+    gpu = next(e for e in result.estimates if e.backend == "gpu")
+    assert gpu.resident is False
+    assert gpu.load_learned is True
+    assert gpu.load_ms == 1500.0
+
+
+# -- the pure pieces ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("configured", "unit", "learned", "expected"),
+    [
+        (2, 1, 4, residency.Capacity(2, "config")),
+        (None, 1, 4, residency.Capacity(1, "unit")),
+        (None, None, 1, residency.Capacity(1, "learned")),
+        (None, None, None, residency.Capacity(3, "default")),
+    ],
+)
+def test_capacity_sources_in_order(
+    configured: int | None, unit: int | None, learned: int | None, expected: residency.Capacity
+) -> None:
+    assert residency.choose_capacity(configured, unit, learned) == expected
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "loaded", "memory_forced", "expected"),
+    [
+        ({CHAT}, {EMBED}, EMBED, False, 1),  # the chat model left as the embedding came
+        ({CHAT, CODER}, {CODER, EMBED}, EMBED, False, 2),
+        ({CHAT}, {CHAT, EMBED}, EMBED, False, None),  # nothing left: nothing learned
+        ({CHAT}, {EMBED}, EMBED, True, None),  # memory pushed it out, not a slot
+        ({CHAT}, {CHAT}, EMBED, False, None),  # the load is not there (unloaded at once)
+    ],
+)
+def test_capacity_learned_from_an_eviction(
+    before: set[str], after: set[str], loaded: str, memory_forced: bool, expected: int | None
+) -> None:
+    assert residency.learn_capacity(before, after, loaded, memory_forced) == expected
+
+
+def test_predicted_evictions_least_recently_used_idle_first() -> None:
+    resident = {
+        "a": Resident(GB, 0, None, NOW - 30),
+        "b": Resident(GB, 0, None, NOW - 60),
+        "c": Resident(GB, 0, None, NOW - 10),
+    }
+    assert residency.predicted_evictions(resident, "d", GB, 3, None, NOW) == ["b"]
+    assert residency.predicted_evictions(resident, "d", GB, 2, None, NOW) == ["b", "a"]
+    # b is busy: Ollama waits for it and takes the next idle one
+    assert residency.predicted_evictions(resident, "d", GB, 3, None, NOW, {"b": 1}) == ["a"]
+    # memory: 3 GB resident + 2 GB needed in a 4 GB budget
+    assert residency.predicted_evictions(resident, "d", 2 * GB, 9, 4 * GB, NOW) == ["b"]
+    assert residency.predicted_evictions(resident, "a", GB, 3, None, NOW) == []
+
+
+def test_next_request_chance_grows_with_use() -> None:
+    chances = [residency.next_request_chance(Usage(n, NOW - 1), NOW) for n in (0, 1, 5, 14, 100)]
+    assert chances[0] == 0.0
+    assert chances == sorted(chances)
+    assert 0.9 < chances[-1] < 1.0
+    assert residency.next_request_chance(Usage(14, NOW - 400), NOW) == 0.0
+
+
+def test_keep_hot_only_after_an_eviction_and_not_after_the_users_unload() -> None:
+    usage = {CHAT: Usage(14, NOW - 5), EMBED: Usage(3, NOW - 2)}
+    evicted = {CHAT: NOW - 3}
+    assert residency.model_to_keep_hot(usage, NOW, {EMBED: Resident()}, evicted, ()) == CHAT
+    assert residency.model_to_keep_hot(usage, NOW, {CHAT: Resident()}, evicted, ()) is None
+    assert residency.model_to_keep_hot(usage, NOW, {}, {}, ()) is None  # expired, not evicted
+    assert residency.model_to_keep_hot(usage, NOW, {}, evicted, [CHAT]) is None
+
+
+def _ps(name: str, expires: str, size: int = GB) -> PsModel:
+    return PsModel(name=name, size=size, size_vram=size, expires_at=expires, context_length=4096)
+
+
+def test_residency_facts_learn_capacity_and_evictions_from_ps() -> None:
+    changes: list[int] = []
+    facts = ResidencyFacts("gpu", None, lambda: changes.append(1))
+    later = "2999-01-01T00:00:00.123456789Z"
+    facts.sync([_ps(CHAT, later)], None)
+    assert facts.resident is not None and set(facts.resident) == {CHAT}
+    assert facts.capacity == residency.Capacity(3, "default")
+    # the embedding answered (a load): before the next /api/ps read it is taken as loaded
+    assert facts.answered(EMBED, NOW, 300.0) is True
+    assert set(facts.resident) == {CHAT, EMBED}
+    facts.sync([_ps(EMBED, later)], MemoryBudget(12 * 1024**3, "config"))
+    assert facts.capacity == residency.Capacity(1, "learned")
+    assert facts.evictions == {CHAT: 1}
+    assert facts.loads == {EMBED: 1}
+    assert CHAT in facts.evicted_at
+    # an answer from a loaded model is no news
+    assert facts.answered(EMBED, NOW, None) is False
+
+
+def test_parse_expiry_reads_ollamas_nanoseconds_and_offsets() -> None:
+    assert parse_expiry("2024-06-04T14:38:31.83753-07:00") == pytest.approx(1717537111.83753)
+    assert parse_expiry("2024-06-04T21:38:31.837530123Z") == pytest.approx(1717537111.83753)
+    assert parse_expiry(None) is None
+    assert parse_expiry("soon") is None
