@@ -126,7 +126,9 @@ def write_markdown(res: dict[str, Any], rows: list[list[str]], targets: list[dic
                   f"Median of {len(st['runs'])} starts of `python3 -m harbord` with both backends up: the socket "
                   f"accepts after {st['accept_ms']:.0f} ms, `/harbor/status` answers after {st['status_ms']:.0f} ms, "
                   f"`READY=1` reaches `NOTIFY_SOCKET` after {st['ready1_ms']:.0f} ms. Floors on this machine: "
-                  + ", ".join(f"`{k}` {v:.0f} ms" for k, v in st["floors_ms"].items()) + ".", ""]
+                  + ", ".join(f"`{k}` {v:.0f} ms" for k, v in st["floors_ms"].items()) + "."
+                  + (" harbord ran from cached bytecode, as an installed harbord does (`--no-bytecode-cache` "
+                     "starts it as this environment says)." if st.get("bytecode") == "cached" else ""), ""]
     pol = res.get("policy", {}).get("us_per_call", {})
     if pol:
         lines += ["## Routing decision and per-request bookkeeping (µs per call)", "",

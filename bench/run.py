@@ -53,6 +53,9 @@ def main() -> int:
     p.add_argument("--no-nginx", dest="nginx", action="store_false")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
+    p.add_argument("--no-bytecode-cache", dest="bytecode_cache", action="store_false",
+                   help="start harbord with this environment's PYTHONDONTWRITEBYTECODE (modules compiled from "
+                   "source at every start) instead of from cached bytecode as an installed harbord runs")
     p.add_argument("--nice", type=int, default=0, help="lower the bench's niceness by N (root; all its "
                    "processes inherit it) to be less disturbed by other load on a shared machine")
     p.add_argument("--only", default="", help="comma list of scenarios: backend,latency,stream,many,startup,"

@@ -69,6 +69,18 @@ class Stack:
         env["XDG_STATE_HOME"] = str(run_dir / "state")
         if notify:
             env["NOTIFY_SOCKET"] = notify
+        return self.bytecode_env(env)
+
+    def bytecode_env(self, env: dict[str, str]) -> dict[str, str]:
+        """harbord runs from cached bytecode, as an installed harbord does (pip compiles it).
+
+        Where PYTHONDONTWRITEBYTECODE is set (as on the shared dev machine) every start would
+        compile harbord's modules from source, ~30 ms of start-up no user pays. The cache sits
+        in the temp dir; the first harbord started (setup) fills it.
+        """
+        if self.args.bytecode_cache:
+            env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = str(self.tmp / "pycache")
         return env
 
     def harbord_config(self, name: str, level: str) -> Path:
