@@ -26,6 +26,10 @@ OLLAMA_DEFAULT_MAX_LOADED = 3
 LOAD_FIXED_MS = {"gpu": 400.0, "cpu": 250.0}
 LOAD_BYTES_PER_MS = {"gpu": 3_000_000.0, "cpu": 4_000_000.0}  # 3 and 4 GB/s
 
+# A model's answer on a GPU before any was timed (a short chat); a CPU's is
+# routing.cpu_slowdown times longer.
+NOMINAL_SERVICE_MS = 1000.0
+
 # How far ahead a `fast` model's next request counts: the window usage is counted
 # over, and the horizon within which its next request makes an eviction cost a reload.
 USAGE_WINDOW = 300.0

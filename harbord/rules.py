@@ -241,8 +241,12 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
     cand.resident = here
     service = _service_estimate(req, cand, every)
     cand.service_ms = service
+    if service is None:
+        # Never served anywhere: a nominal answer, slower on a CPU, so a CPU's quicker
+        # load alone never outweighs generating there.
+        service = residency.NOMINAL_SERVICE_MS * (req.cpu_slowdown if view.kind == "cpu" else 1)
     if here:
-        cand.load_ms, cand.expected_ms = 0.0, service or 0.0
+        cand.load_ms, cand.expected_ms = 0.0, service
         return
     load, learned = residency.load_ms(view.load_ms, model, req.size, view.kind)
     budget = view.budget.bytes if view.budget is not None else None
@@ -255,7 +259,7 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
     }
     cost, _ = residency.eviction_cost_ms(evicts, req.usage, reload, now)
     cand.load_ms, cand.load_learned, cand.evicts, cand.eviction_ms = load, learned, evicts, cost
-    cand.expected_ms = load + (service or 0.0) + cost
+    cand.expected_ms = load + service + cost
 
 
 def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:

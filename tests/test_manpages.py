@@ -464,7 +464,7 @@ def test_example_file_shows_the_defaults(tmp_path: Path) -> None:
             cfg.pop(key)
         for backend in cfg["backends"].values():
             backend.pop("unit")  # per user
-    for key in ("vram", "max_model_size", "default_context"):  # "Not set by default"
+    for key in ("vram", "max_model_size", "default_context", "max_loaded"):  # "Not set by default"
         assert defaults["backends"]["gpu"][key] is None
         shown["backends"]["gpu"][key] = None
     assert shown == defaults
