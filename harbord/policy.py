@@ -189,12 +189,17 @@ def plan(
         if size:  # memory.estimate, inlined: this loop is on every request's path
             kv_bytes = KV_BYTES_PER_ELEMENT[view.kv_cache_type]
             needs = size + int(kv_per_token * ctx * view.parallel * kv_bytes) + ALLOWANCE
-        candidates.append(Candidate(view, index, PlanStep(view.name, []), ctx, needs))
+        candidates.append(Candidate(view, index, PlanStep(view.name, []), ctx, needs, []))
 
-    for _, rank in RULES:
-        for cand, value in zip(candidates, rank(req, candidates), strict=True):
-            cand.key.append(value)
-    candidates.sort(key=lambda c: c.key)
+    for _, one, group in RULES:
+        if one is not None:
+            for cand in candidates:
+                cand.key.append(one(req, cand))
+        elif candidates:
+            assert group is not None
+            for cand, value in zip(candidates, group(req, candidates), strict=True):
+                cand.key.append(value)
+    candidates.sort(key=_key)
 
     return Plan(
         model=model,
@@ -208,6 +213,10 @@ def plan(
         num_ctx=request.num_ctx,
         estimates=[_estimate_of(c) for c in candidates],
     )
+
+
+def _key(cand: Candidate) -> list[int]:
+    return cand.key
 
 
 def _forced(
@@ -237,7 +246,7 @@ def _forced(
 def _deciding_rule(ranked: Sequence[Candidate], excluded: Sequence[PlanStep]) -> PlacementRule:
     if len(ranked) < 2:
         return "health" if excluded else "order"
-    for (name, _), a, b in zip(RULES, ranked[0].key, ranked[1].key, strict=True):
+    for (name, _, _), a, b in zip(RULES, ranked[0].key, ranked[1].key, strict=True):
         if a != b:
             return name
     return "order"
@@ -260,7 +269,7 @@ def _estimate_of(cand: Candidate) -> BackendEstimate:
         cand.resident,
         cand.load_ms,
         cand.load_learned,
-        cand.evicts,
+        list(cand.evicts),
         round(cand.eviction_ms, 1),
         cand.expected_ms,
         view.capacity if view.resident is not None else None,

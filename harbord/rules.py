@@ -14,7 +14,7 @@ time, loads and evictions included) and `busy-spill` (a saturated first choice).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from harbord import residency
@@ -58,14 +58,14 @@ class Candidate:
     step: PlanStep
     ctx: int  # the context the request runs at here
     needs: int | None  # bytes at that context (None: size not known)
-    key: list[int] = field(default_factory=list)
+    key: list[int]
     # Filled by the group rules, shown by `route`.
     service_ms: float | None = None
     finish_ms: float | None = None
     resident: bool | None = None
     load_ms: float | None = None
     load_learned: bool = False
-    evicts: list[str] = field(default_factory=list)
+    evicts: Sequence[str] = ()
     eviction_ms: float = 0.0
     expected_ms: float | None = None
 
@@ -74,21 +74,12 @@ class Candidate:
         return self.step.reasons
 
 
-# A rule ranks every candidate (0 is better), in the candidates' order.
-Rule = Callable[[Request, Sequence[Candidate]], list[int]]
+# A rule ranks one candidate (0 is better); a group rule ranks every candidate at once,
+# in the candidates' order, comparing each with the others equal on every stronger rule.
 OneRule = Callable[[Request, Candidate], int]
+GroupRule = Callable[[Request, Sequence[Candidate]], list[int]]
 
 _HEALTH_RANK: Mapping[str, int] = {"down": 2, "degraded": 1}
-
-
-def each(rank: OneRule) -> Rule:
-    """A rule that looks at one candidate at a time."""
-
-    def rule(req: Request, every: Sequence[Candidate]) -> list[int]:
-        return [rank(req, cand) for cand in every]
-
-    rule.__name__ = rank.__name__
-    return rule
 
 
 def health(req: Request, cand: Candidate) -> int:
@@ -198,17 +189,27 @@ def order(req: Request, cand: Candidate) -> int:
 # -- the group rules -------------------------------------------------------------
 
 
-def _groups(every: Sequence[Candidate]) -> list[list[Candidate]]:
-    """The candidates split by their key so far: equal on every stronger rule."""
-    groups: dict[tuple[int, ...], list[Candidate]] = {}
-    for cand in every:
-        groups.setdefault(tuple(cand.key), []).append(cand)
-    return list(groups.values())
+def _top_group(every: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates tied for first on every stronger rule: the ones a group rule
+    reorders (the rest stay behind them whatever it says)."""
+    best = min(c.key for c in every)
+    return [c for c in every if c.key == best]
 
 
 def _first_choice(req: Request, group: Sequence[Candidate]) -> Candidate:
     """Who goes first in `group` when only intent, affinity and order decide."""
     return min(group, key=lambda c: (intent_rank(req, c), affinity_rank(req, c), c.index))
+
+
+def _first_overall(req: Request, every: Sequence[Candidate]) -> Candidate:
+    """Who goes first when only the rules so far, intent, affinity and order decide."""
+    best = every[0]
+    best_key = (best.key, intent_rank(req, best), affinity_rank(req, best), best.index)
+    for cand in every[1:]:
+        key = (cand.key, intent_rank(req, cand), affinity_rank(req, cand), cand.index)
+        if key < best_key:
+            best, best_key = cand, key
+    return best
 
 
 def _service_estimate(req: Request, cand: Candidate, every: Sequence[Candidate]) -> float | None:
@@ -249,16 +250,22 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
         cand.load_ms, cand.expected_ms = 0.0, service
         return
     load, learned = residency.load_ms(view.load_ms, model, req.size, view.kind)
+    cand.load_ms, cand.load_learned = load, learned
+    cand.expected_ms = load + service
+    if not view.resident:
+        return  # nothing loaded there: nothing to evict
     budget = view.budget.bytes if view.budget is not None else None
     evicts = residency.predicted_evictions(
         view.resident, model, cand.needs, view.capacity, budget, now, view.running
     )
+    if not evicts:
+        return
     reload = {
         name: residency.load_ms(view.load_ms, name, view.resident[name].size, view.kind)[0]
         for name in evicts
     }
     cost, _ = residency.eviction_cost_ms(evicts, req.usage, reload, now)
-    cand.load_ms, cand.load_learned, cand.evicts, cand.eviction_ms = load, learned, evicts, cost
+    cand.evicts, cand.eviction_ms = evicts, cost
     cand.expected_ms = load + service + cost
 
 
@@ -272,38 +279,49 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
     the model where the intent wants it, so it moves nothing. `heavy` only weighs
     backends of its own kind: it never takes the GPU from interactive work."""
     ranks = [0] * len(every)
-    if req.model is None or not any(c.view.resident is not None for c in every):
+    if req.model is None:
         return ranks
     for cand in every:
         if cand.view.resident is not None:
+            break
+    else:
+        return ranks  # residency not known anywhere yet
+    first = _first_overall(req, every)
+    if first.view.resident is None:
+        return ranks
+    _residency_figures(req, first, every)
+    if first.resident or not first.eviction_ms:
+        # The common cases, and cheap: the model is where it should run, or its load
+        # there evicts nothing interactive (paid once, it moves nothing).
+        _say_residency(req, (first,))
+        return ranks
+    for cand in every:
+        if cand is not first and cand.view.resident is not None:
             _residency_figures(req, cand, every)
     _say_residency(req, every)
-    losers: set[int] = set()
-    for group in _groups(every):
-        first = _first_choice(req, group)
-        contenders = [
-            c
-            for c in group
-            if c.expected_ms is not None and (req.intent == "fast" or c.view.kind == req.preferred)
-        ]
-        if first.expected_ms is None or not first.eviction_ms or not contenders:
-            continue
-        best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
-        best_ms = best.expected_ms or 0.0
-        if (
-            best is first
-            or first.expected_ms - best_ms < residency.RESIDENCY_MIN_GAIN_MS
-            or best_ms > first.expected_ms * residency.RESIDENCY_MARGIN
-        ):
-            continue
-        best.reasons.insert(
-            0,
-            f"~{best_ms:.0f} ms here with loads counted, ~{first.expected_ms:.0f} ms on "
-            f"{first.view.name}: first",
-        )
-        req.notes.append(f"{req.model} goes to {best.view.name}: sooner with loads counted")
-        losers.update(id(c) for c in group if c is not best)
-    return [1 if id(c) in losers else 0 for c in every]
+    group = _top_group(every)
+    contenders = [
+        c
+        for c in group
+        if c.expected_ms is not None and (req.intent == "fast" or c.view.kind == req.preferred)
+    ]
+    if first.expected_ms is None or not first.eviction_ms or not contenders:
+        return ranks
+    best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
+    best_ms = best.expected_ms or 0.0
+    if (
+        best is first
+        or first.expected_ms - best_ms < residency.RESIDENCY_MIN_GAIN_MS
+        or best_ms > first.expected_ms * residency.RESIDENCY_MARGIN
+    ):
+        return ranks
+    best.reasons.insert(
+        0,
+        f"~{best_ms:.0f} ms here with loads counted, ~{first.expected_ms:.0f} ms on "
+        f"{first.view.name}: first",
+    )
+    req.notes.append(f"{req.model} goes to {best.view.name}: sooner with loads counted")
+    return [1 if c in group and c is not best else 0 for c in every]
 
 
 def _say_residency(req: Request, every: Sequence[Candidate]) -> None:
@@ -337,57 +355,62 @@ def busy_spill(req: Request, every: Sequence[Candidate]) -> list[int]:
     model = req.model
     if model is None or req.intent != "fast" or len(every) < 2:
         return ranks
-    losers: set[int] = set()
-    for group in _groups(every):
-        top = _first_choice(req, group)
-        view = top.view
-        top_ms = view.service_ms.get(model)
-        if view.in_flight < view.parallel or len(group) < 2 or not top_ms:
+    for cand in every:
+        if cand.view.in_flight >= cand.view.parallel:
+            break
+    else:
+        return ranks  # nobody saturated: the common case
+    top = _first_overall(req, every)
+    view = top.view
+    if view.in_flight < view.parallel:
+        return ranks  # the first choice has a free slot
+    top_ms = view.service_ms.get(model)
+    group = _top_group(every)
+    if len(group) < 2 or not top_ms:
+        return ranks
+    top_finish = expected_finish_ms(top_ms, view.in_flight, view.queued, view.parallel)
+    top.service_ms, top.finish_ms = top_ms, top_finish
+    best, best_finish = None, top_finish
+    for other in group:
+        o = other.view
+        if other is top or o.models is None or model not in o.models:
             continue
-        top_finish = expected_finish_ms(top_ms, view.in_flight, view.queued, view.parallel)
-        top.service_ms, top.finish_ms = top_ms, top_finish
-        best, best_finish = None, top_finish
-        for other in group:
-            o = other.view
-            if other is top or o.models is None or model not in o.models:
-                continue
-            service = o.service_ms.get(model)
-            if service is None:
-                if o.kind == view.kind:
-                    service = top_ms
-                else:
-                    scale = req.cpu_slowdown
-                    service = top_ms * scale if o.kind == "cpu" else top_ms / scale
-            finish = expected_finish_ms(service, o.in_flight, o.queued, o.parallel)
-            if other.resident is False and other.load_ms:
-                finish += other.load_ms
-            other.service_ms, other.finish_ms = service, finish
-            if finish < best_finish:
-                best, best_finish = other, finish
-        if best is None:
-            continue
-        busy = (
-            f"{view.name} is busy ({view.in_flight} running, {view.queued} queued, "
-            f"{view.parallel} at once): done in ~{top_finish:.0f} ms there"
-        )
-        best.reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
-        top.reasons.insert(0, f"{busy}: after {best.view.name}")
-        req.notes.append(f"{view.name} is busy: {model} goes to {best.view.name}")
-        losers.update(id(c) for c in group if c is not best)
-    return [1 if id(c) in losers else 0 for c in every]
+        service = o.service_ms.get(model)
+        if service is None:
+            if o.kind == view.kind:
+                service = top_ms
+            else:
+                scale = req.cpu_slowdown
+                service = top_ms * scale if o.kind == "cpu" else top_ms / scale
+        finish = expected_finish_ms(service, o.in_flight, o.queued, o.parallel)
+        if other.resident is False and other.load_ms:
+            finish += other.load_ms
+        other.service_ms, other.finish_ms = service, finish
+        if finish < best_finish:
+            best, best_finish = other, finish
+    if best is None:
+        return ranks
+    busy = (
+        f"{view.name} is busy ({view.in_flight} running, {view.queued} queued, "
+        f"{view.parallel} at once): done in ~{top_finish:.0f} ms there"
+    )
+    best.reasons.insert(0, f"{busy}, ~{best_finish:.0f} ms here: first")
+    top.reasons.insert(0, f"{busy}: after {best.view.name}")
+    req.notes.append(f"{view.name} is busy: {model} goes to {best.view.name}")
+    return [1 if c in group and c is not best else 0 for c in every]
 
 
-# The rules, strongest first: (name, function). The plan's `rule` is the first name
-# on which its first two steps differ.
-RULES: tuple[tuple[PlacementRule, Rule], ...] = (
-    ("health", each(health)),
-    ("inventory", each(inventory)),
-    ("pin", each(pin)),
-    ("memory", each(memory)),
-    ("spill", each(spill)),
-    ("residency", residency_rule),
-    ("busy-spill", busy_spill),
-    ("intent", each(intent)),
-    ("affinity", each(affinity)),
-    ("order", each(order)),
+# The rules, strongest first: (name, rule of one candidate, group rule); one of the
+# two is None. The plan's `rule` is the first name on which its first two steps differ.
+RULES: tuple[tuple[PlacementRule, OneRule | None, GroupRule | None], ...] = (
+    ("health", health, None),
+    ("inventory", inventory, None),
+    ("pin", pin, None),
+    ("memory", memory, None),
+    ("spill", spill, None),
+    ("residency", None, residency_rule),
+    ("busy-spill", None, busy_spill),
+    ("intent", intent, None),
+    ("affinity", affinity, None),
+    ("order", order, None),
 )
