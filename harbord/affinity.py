@@ -7,12 +7,9 @@ uses affinity only to break ties between backends equal on everything else.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from harbord.schemas import Affinity, Plan
-
-if TYPE_CHECKING:
-    from harbord.policy import BackendView
+from harbord.views import BackendView
 
 
 def affinity_expired(entry: Affinity, now: float, ttl: float) -> bool:

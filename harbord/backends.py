@@ -20,7 +20,6 @@ from harbord.admission import Limiter
 from harbord.config import BackendConfig
 from harbord.gpu_memory import GpuFigures
 from harbord.memory import choose_budget, default_context, spill_budget, update_spills
-from harbord.policy import BackendView, normalize_model
 from harbord.queueing import ewma
 from harbord.residency_facts import ResidencyFacts
 from harbord.schemas import (
@@ -32,6 +31,7 @@ from harbord.schemas import (
     PsModel,
     UnitStatus,
 )
+from harbord.views import BackendView, normalize_model
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from harbord import __version__, policy
 from harbord.backends import Backend
@@ -34,6 +34,9 @@ from harbord.schemas import (
 )
 from harbord.state import StateStore
 from harbord.upstream import Pools
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 
 from harbord import harbor_endpoints as api
-from harbord import metrics as metrics_module
 from harbord.config import MODEL_RE
 from harbord.errors import Problem
 from harbord.harbor import HARBOR, Harbor
-from harbord.policy import PolicyError, RouteRequest, normalize_model
+from harbord.policy import PolicyError, RouteRequest
 from harbord.schemas import (
     UNDECODABLE,
     Affinity,
@@ -32,6 +31,7 @@ from harbord.schemas import (
     Plan,
     Status,
 )
+from harbord.views import normalize_model
 
 # The largest num_ctx `route` takes: well past any model's trained context.
 MAX_CONTEXT = 1 << 24
@@ -215,7 +215,9 @@ async def restart_backend(call: Call[None]) -> api.Restarted:
 
 @handles(api.METRICS)
 async def metrics(call: Call[None]) -> str:
+    from harbord import exposition  # prometheus_client, from the first scrape on only
+
     harbor = call.harbor
     if harbor.registry is None:
-        harbor.registry = metrics_module.registry_for(harbor)
-    return metrics_module.render(harbor.registry).decode()
+        harbor.registry = exposition.registry_for(harbor)
+    return exposition.render(harbor.registry).decode()

@@ -34,9 +34,9 @@ from harbord.backends import Backend
 from harbord.config import RoutingConfig
 from harbord.gpu_memory import GpuFigures, Sources, discover
 from harbord.model_facts import ModelFactsCache
-from harbord.policy import normalize_model
 from harbord.schemas import Ps, Tags, Version
 from harbord.upstream import ConnectError, Pools, StatusError, Undecodable, UpstreamError
+from harbord.views import normalize_model
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from harbord.errors import Problem
 from harbord.failures import none_reachable
 from harbord.harbor import HARBOR, Harbor
 from harbord.ledger import Ledger, accounted
-from harbord.policy import normalize_model
 from harbord.relay import RELAY
 from harbord.schemas import UNDECODABLE, Decision, Plan, PlanStep
 from harbord.upstream import UpstreamError
+from harbord.views import normalize_model
 
 FETCH_TIMEOUT = 5.0
 MAX_ANSWER = 16 * 1024 * 1024  # an /api/tags of a large model store is still far below

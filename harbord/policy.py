@@ -15,7 +15,7 @@ refused connection is left out of the plan until the prober sees it again.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from harbord.affinity import affinity_expired
@@ -23,65 +23,28 @@ from harbord.config import ModelRule
 from harbord.memory import (
     ALLOWANCE,
     KV_BYTES_PER_ELEMENT,
-    OLLAMA_DEFAULT_CONTEXT,
     kv_elements_per_token,
 )
-from harbord.residency import OLLAMA_DEFAULT_MAX_LOADED, Resident, Usage
+from harbord.residency import Usage
 from harbord.rules import RULES, Candidate, Request
 from harbord.schemas import (
     INTENTS,
     Affinity,
     BackendEstimate,
     BackendKind,
-    CapacitySource,
-    Health,
     Intent,
-    KvCacheType,
-    MemoryBudget,
     ModelFacts,
     Pin,
     PlacementRule,
     Plan,
     PlanStep,
 )
+from harbord.views import BackendView as BackendView  # re-exported: the policy's input
+from harbord.views import normalize_model as normalize_model
 
 
 class PolicyError(ValueError):
     """The request asks for something that cannot be routed (a 400)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackendView:
-    """What the policy knows about one backend at decision time."""
-
-    name: str
-    kind: BackendKind
-    health: Health = "unknown"
-    cooldown: bool = False
-    # Model name -> size in bytes from the backend's /api/tags; None = not known yet.
-    models: Mapping[str, int] | None = None
-    # Model name -> (size, size_vram) for models /api/ps shows partly off the GPU.
-    spilled: Mapping[str, tuple[int, int]] = field(default_factory=dict)
-    memory_limit: int | None = None  # bytes; GPU backends only
-    # What the GPU can give one model, with the figure's source (memory.choose_budget).
-    budget: MemoryBudget | None = None
-    default_context: int = OLLAMA_DEFAULT_CONTEXT  # memory.default_context
-    kv_cache_type: KvCacheType = "f16"
-    parallel: int = 1  # requests one model serves at once (OLLAMA_NUM_PARALLEL)
-    in_flight: int = 0
-    queued: int = 0
-    # Model name -> moving average of a request's duration here, ms (queueing.ewma).
-    service_ms: Mapping[str, float] = field(default_factory=dict)
-    # Model name -> the smallest context it spilled at here (memory.update_spills).
-    spilled_contexts: Mapping[str, int] = field(default_factory=dict)
-    # Residency (issue 16): what is loaded here now (None: not known yet, and the
-    # residency rule stays out), how many models the backend holds at once, and the
-    # learned load time per model, ms (residency.py).
-    resident: Mapping[str, Resident] | None = None
-    capacity: int = OLLAMA_DEFAULT_MAX_LOADED
-    capacity_source: CapacitySource = "default"
-    load_ms: Mapping[str, float] = field(default_factory=dict)
-    running: Mapping[str, int] = field(default_factory=dict)  # model -> requests running
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +54,6 @@ class RouteRequest:
     intent_body: str | None = None
     forced_backend: str | None = None
     num_ctx: int | None = None  # options.num_ctx
-
-
-def normalize_model(name: str) -> str:
-    """Ollama's canonical form: a name without a tag means `:latest`."""
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"
 
 
 def resolve_intent(

@@ -31,7 +31,6 @@ from harbord import failures as fail
 from harbord.backends import Backend
 from harbord.classify import classify, error_text, is_retryable
 from harbord.failures import Failure
-from harbord.harbor import Harbor
 from harbord.learning import NOT_A_LOAD, Outcome, load_duration_ms
 from harbord.scheduler import Scheduler
 from harbord.schemas import Attempt, Decision, Plan
@@ -43,7 +42,7 @@ from harbord.stream import (
     looks_like_error,
     relay_stream,
 )
-from harbord.upstream import Exchange, UpstreamError
+from harbord.upstream import Exchange, Pools, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,9 @@ def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 class Relay:
-    def __init__(self, harbor: Harbor) -> None:
-        self.harbor = harbor
-        self.scheduler: Scheduler = harbor.scheduler
+    def __init__(self, scheduler: Scheduler, upstreams: Pools) -> None:
+        self.scheduler = scheduler  # slots, and where outcomes are reported
+        self.upstreams = upstreams  # the request path's connections
 
     async def run(
         self,
@@ -96,7 +95,7 @@ class Relay:
         With `answer_as_is` (pass-through), a backend's own 4xx answer, a 404 included,
         is the client's answer: no other backend is tried after it."""
         decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
-        backends = self.harbor.backends
+        backends = self.scheduler.backends
         headers = upstream_headers(request.headers)
         failures: list[tuple[str, Failure]] = []
         for step in plan.steps:
@@ -180,7 +179,7 @@ class Relay:
         wait = config.first_byte_timeout if decision.stream else config.answer_timeout
         deadline = asyncio.timeout(wait)
         backend.waiting.add(deadline)
-        send = self.harbor.upstreams.request
+        send = self.upstreams.request
         args = (request.method, request.path_qs, headers.items(), body, config.connect_timeout)
         try:
             try:

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from datetime import datetime
 from types import MappingProxyType
 
-from harbord.policy import normalize_model
 from harbord.queueing import ewma
 from harbord.residency import Capacity, Resident, choose_capacity, learn_capacity
 from harbord.schemas import MemoryBudget, PsModel
+from harbord.views import normalize_model
 
 log = logging.getLogger(__name__)
 

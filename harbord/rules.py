@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from harbord import residency
 from harbord.memory import format_context, format_gb, format_gib
@@ -27,9 +26,7 @@ from harbord.schemas import (
     PlacementRule,
     PlanStep,
 )
-
-if TYPE_CHECKING:  # the policy imports the rules
-    from harbord.policy import BackendView
+from harbord.views import BackendView
 
 
 @dataclass(slots=True)

@@ -29,11 +29,12 @@ from harbord import learning, policy, residency
 from harbord.backends import Backend
 from harbord.config import Config
 from harbord.learning import Outcome
-from harbord.policy import BackendView, RouteRequest
+from harbord.policy import RouteRequest
 from harbord.residency import Usage
 from harbord.schemas import Intent, ModelFacts, Plan
 from harbord.state import StateStore
 from harbord.upstream import Pools, StatusError, UpstreamError
+from harbord.views import BackendView
 
 log = logging.getLogger(__name__)
 

@@ -159,7 +159,7 @@ def make_app(harbor: Harbor, token: str | None = None) -> web.Application:
         handler_args={"logger": http_log},
     )
     app[HARBOR] = harbor
-    app[RELAY] = Relay(harbor)
+    app[RELAY] = Relay(harbor.scheduler, harbor.upstreams)
     router = app.router
     for path in ROUTED_PATHS:
         router.add_post(path, accounted(_ledger, routed))

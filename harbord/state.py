@@ -35,8 +35,8 @@ from harbord.affinity import (
     expired_affinities,
     should_learn_affinity,
 )
-from harbord.policy import BackendView, normalize_model
 from harbord.schemas import UNDECODABLE, Affinity, Pin, Plan, StateFile
+from harbord.views import BackendView, normalize_model
 
 log = logging.getLogger(__name__)
 

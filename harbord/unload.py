@@ -33,10 +33,11 @@ from harbord.errors import Problem
 from harbord.failures import Failure
 from harbord.harbor import Harbor
 from harbord.learning import Outcome
-from harbord.policy import PolicyError, normalize_model
+from harbord.policy import PolicyError
 from harbord.relay import upstream_headers
 from harbord.schemas import UNDECODABLE, Attempt, Decision
 from harbord.upstream import UpstreamError
+from harbord.views import normalize_model
 
 UNLOAD_PATHS = frozenset(("/api/generate", "/api/chat"))
 # Ollama only marks the runner to expire: its answer is quick even on a busy backend.

@@ -24,7 +24,7 @@ import msgspec
 from harbord.client import HarborClient, HarborError, HarborUnavailable
 from harbord.ctl import EX_FAILED, EX_OK, output
 from harbord.ctl.http import Daemon
-from harbord.policy import normalize_model
+from harbord.views import normalize_model
 
 HELP = "pull MODEL into the shared model store, with progress"
 TIMEOUT = None  # a big model takes as long as it takes
