@@ -12,9 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from types import MappingProxyType
-from typing import Any
 
 from harbord.admission import Limiter
 from harbord.config import BackendConfig
@@ -36,9 +34,6 @@ from harbord.views import BackendView, normalize_model
 log = logging.getLogger(__name__)
 
 PS_REREAD = 10.0  # seconds before an answer for the same model asks /api/ps again
-
-# The view's fields but the load's (in_flight, queued), which `Backend.view` refreshes.
-_KEPT_FIELDS = tuple(f.name for f in fields(BackendView) if f.name not in ("in_flight", "queued"))
 
 
 class Backend:
@@ -80,7 +75,6 @@ class Backend:
         # Residency (issue 16): what is loaded here, its slots, loads and evictions.
         self.residency = ResidencyFacts(name, config.max_loaded, self.changed)
         self._view: BackendView
-        self._view_fields: dict[str, Any] = {}
         self.changed()
 
     @property
@@ -140,20 +134,17 @@ class Backend:
     def view(self) -> BackendView:
         """The policy's snapshot. Rebuilt whole when a fact changes (`changed`); the
         load (in flight, queued), which changes per request, is brought up to date
-        here, lazily, only when a plan reads it and it moved."""
+        in place when a plan reads it: the view is frozen to its readers, and
+        rebuilding its fields per request would cost more than the rest of a plan."""
         view = self._view
-        queued = self.limiter.queued
-        if view.in_flight != self.in_flight or view.queued != queued:
-            # From the fields kept at the last rebuild: half of what dataclasses.replace
-            # costs (which looks the fields up each time).
-            view = self._view = BackendView(
-                **self._view_fields, in_flight=self.in_flight, queued=queued
-            )
+        in_flight, queued = self.limiter.active, self.limiter.queued
+        if view.in_flight != in_flight or view.queued != queued:
+            object.__setattr__(view, "in_flight", in_flight)
+            object.__setattr__(view, "queued", queued)
         return view
 
     def changed(self) -> None:
-        self._view = view = self._build_view()
-        self._view_fields = {name: getattr(view, name) for name in _KEPT_FIELDS}
+        self._view = self._build_view()
         if self.on_change is not None:
             self.on_change(self)
 

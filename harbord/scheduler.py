@@ -18,10 +18,9 @@ reads; the policy sees immutable views.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import msgspec
 
@@ -68,6 +67,30 @@ class UsageBook(Mapping[str, Usage]):
 
     def __len__(self) -> int:
         return sum(1 for times in self._times.values() if times)
+
+
+class Slot:
+    """One generation's hold on a backend slot (Scheduler.admit): a plain class, as a
+    generator-based context manager costs several microseconds per request."""
+
+    __slots__ = ("backend", "held", "intent", "model")
+
+    def __init__(self, backend: Backend, intent: Intent, model: str | None) -> None:
+        self.backend, self.intent, self.model, self.held = backend, intent, model, False
+
+    async def __aenter__(self) -> bool:
+        backend = self.backend
+        if not await backend.limiter.acquire(self.intent):
+            return False
+        self.held = True
+        backend.residency.started(self.model)
+        return True
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.held:
+            self.held = False
+            self.backend.residency.finished(self.model)
+            self.backend.limiter.release()
 
 
 class Scheduler:
@@ -169,21 +192,11 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def admit(
-        self, backend: Backend, intent: Intent, model: str | None
-    ) -> AsyncIterator[bool]:
-        """A slot on `backend` for one generation: yields False when its queue is full or
-        the wait ran out (the caller moves on), True while the slot is held."""
-        if not await backend.limiter.acquire(intent):
-            yield False
-            return
-        backend.residency.started(model)
-        try:
-            yield True
-        finally:
-            backend.residency.finished(model)
-            backend.limiter.release()
+    def admit(self, backend: Backend, intent: Intent, model: str | None) -> Slot:
+        """A slot on `backend` for one generation, as `async with ... as admitted`:
+        False when its queue is full or the wait ran out (the caller moves on), True
+        while the slot is held."""
+        return Slot(backend, intent, model)
 
     async def preload(
         self, backend: Backend, model: str, keep_alive: str | int | None
@@ -223,7 +236,8 @@ class Scheduler:
         backend = self.backends.get(outcome.backend)
         if backend is None:
             return  # removed by a reload while the request ran
-        lessons = learning.learn(outcome, self._cpu_backend(outcome.backend, plan))
+        oom = outcome.error_class == "oom"
+        lessons = learning.learn(outcome, self._cpu_backend(outcome.backend, plan) if oom else None)
         if lessons.healthy:
             backend.record_success()
         if lessons.failure and outcome.error_class is not None:
