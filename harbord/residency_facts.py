@@ -126,7 +126,9 @@ class ResidencyFacts:
                 old.last_used if old is not None else now,
             )
         for name, old in before.items():
-            if name not in fresh and old.expires is not None and old.expires > now + 1.0:
+            # Left before its time, having been seen in /api/ps (an answer alone, as
+            # with keep_alive 0, never counts: it may have been unloaded on purpose).
+            if name not in fresh and old.size and old.expires is not None and old.expires > now + 1:
                 self.evictions[name] = self.evictions.get(name, 0) + 1
                 self.evicted_at[name] = now
                 log.info("%s left %s before its time (evicted)", name, self.name)
