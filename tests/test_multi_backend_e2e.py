@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harbord import config
 from tests.fakeproc import FakeOllama
-from tests.harness import FAST_ROUTING, Harbord
+from tests.harness import FAST_ROUTING, ROOT, Harbord
 from tests.test_placement_e2e import (
     BIG,
     BIG_INFO,
@@ -139,6 +140,35 @@ def loaded_where(daemon: Harbord) -> dict[str, list[str]]:
     assert shown.returncode == 0, shown.stderr
     backends: dict[str, list[dict[str, Any]]] = json.loads(shown.stdout)["backends"]
     return {name: [m["name"] for m in models] for name, models in backends.items()}
+
+
+# -- the documented configuration --------------------------------------------------------
+
+
+def documented_examples() -> list[str]:
+    """The multi-backend TOML in README.md and harbord.toml(5)."""
+    readme = (ROOT / "README.md").read_text()
+    readme = readme[readme.index("### More than two backends") :]
+    page = (ROOT / "man" / "harbord.toml.5.scd").read_text()
+    page = page[page.index("# MORE THAN TWO BACKENDS") :]
+    found = [
+        re.search(r"^```toml\n(.*?)^```$", readme, re.M | re.S),
+        re.search(r"^```\n(.*?)^```$", page, re.M | re.S),
+    ]
+    assert None not in found
+    return [match[1] for match in found if match is not None]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["README.md", "harbord.toml.5"])
+def test_the_documented_example_loads(which: int, tmp_path: Path) -> None:
+    path = tmp_path / "harbord.toml"
+    path.write_text(documented_examples()[which])
+    loaded = config.load(env={"HARBOR_CONFIG": str(path), "HOME": str(tmp_path)})
+    kinds = {name: backend.kind for name, backend in loaded.backends.items()}
+    assert kinds == {"rtx3060": "gpu", "rtx4090": "gpu", "ram": "cpu", "den": "gpu"}
+    units = {name: backend.unit for name, backend in loaded.backends.items()}
+    assert units["rtx4090"] == "ollama-gpu@rtx4090.service"
+    assert loaded.backends["rtx3060"].vram == 12 * GIB
 
 
 # -- the other host -------------------------------------------------------------------
