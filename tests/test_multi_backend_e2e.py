@@ -21,6 +21,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,14 @@ CODER_SPEC = f"{CODER}=4700000000"
 EVERYWHERE = [SMALL_SPEC, BIG_SPEC, HUGE_SPEC]
 
 
+@dataclass(frozen=True)
 class Trio:
     """The three fakes and the daemon routing between them."""
 
-    def __init__(self, daemon: Harbord, rtx3060: FakeOllama, rtx4090: FakeOllama, ram: FakeOllama):
-        self.daemon = daemon
-        self.rtx3060 = rtx3060
-        self.rtx4090 = rtx4090
-        self.ram = ram
+    daemon: Harbord
+    rtx3060: FakeOllama
+    rtx4090: FakeOllama
+    ram: FakeOllama
 
     def fake(self, name: str) -> FakeOllama:
         fake: FakeOllama = getattr(self, name)
@@ -117,7 +118,8 @@ def running_trio(
             daemon.launch()
             yield Trio(daemon, rtx3060, rtx4090, ram)
         finally:
-            assert daemon.stop() == 0, daemon.log()[-3000:]
+            code = daemon.stop()
+        assert code == 0, daemon.log()[-3000:]  # only after a test that passed
 
 
 @pytest.fixture
@@ -180,6 +182,8 @@ def test_a_backend_on_another_address_is_probed_and_up(trio: Trio) -> None:
     status = trio.daemon.status()
     assert [b["name"] for b in status["backends"]] == NAMES
     assert [b["kind"] for b in status["backends"]] == ["gpu", "gpu", "cpu"]
+    assert status["backends"][0]["url"] == trio.rtx3060.url
+    assert status["backends"][1]["unit"] == "ollama-gpu@rtx4090.service"
     trio.daemon.wait_for(
         lambda: all(b["health"] == "up" for b in trio.daemon.status()["backends"]),
         what="all three backends up",
