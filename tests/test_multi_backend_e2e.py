@@ -241,8 +241,11 @@ def test_fast_goes_to_a_gpu_heavy_to_the_cpu_and_harborctl_names_all_three(
     assert set(loaded_where(daemon)) == set(NAMES)
     table = harborctl(daemon, "ps")
     assert table.returncode == 0, table.stderr
-    rows = {line.split()[1]: line for line in table.stdout.splitlines()[1:]}
+    lines = table.stdout.splitlines()
+    rows = {line.split()[1]: line for line in lines[1 : 1 + len(NAMES)]}
     assert set(rows) == set(NAMES), table.stdout
+    # Under the table, each backend's capacity: what it holds of how many models.
+    assert lines[1 + len(NAMES) :] == [f"{n}: 1 of 3 models (Ollama's default)" for n in NAMES]
     assert "100% GPU" in rows["rtx3060"] and "100% GPU" in rows["rtx4090"]
     assert "CPU" in rows["ram"] and "GPU" not in rows["ram"]
 
@@ -435,7 +438,7 @@ def test_unload_reaches_every_backend_that_lists_the_model(trio: Trio) -> None:
 PROMPT_S = 0.6  # a request's time on either card, one at a time each
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: busy spill over any number of backends")
+
 def test_a_saturated_first_gpu_spills_to_the_second_idle_gpu(tmp_path: Path) -> None:
     """Three `fast` requests at once; rtx3060 serves one at a time. With rtx4090 idle and
     as quick, waiting behind rtx3060 is the slower choice: some go to rtx4090. (Today
