@@ -965,7 +965,20 @@ def test_route_num_ctx_shows_the_rule_and_each_backends_numbers(
         estimates=[
             BackendEstimate("cpu", 65536, 13_900_000_000, parallel=2),
             BackendEstimate(
-                "gpu", 65536, 13_900_000_000, 8 * GIB, "journal", 1, 1, 2, 800.0, 2400.0
+                "gpu",
+                65536,
+                13_900_000_000,
+                8 * GIB,
+                "journal",
+                1,
+                1,
+                2,
+                800.0,
+                2400.0,
+                resident=False,
+                load_ms=1500.0,
+                load_learned=True,
+                evicts=["qwen3:8b"],
             ),
         ],
     )
@@ -976,10 +989,10 @@ def test_route_num_ctx_shows_the_rule_and_each_backends_numbers(
     rows = {
         line.split()[0]: line.split() for line in out.splitlines() if line[2:5] in ("cpu", "gpu")
     }
-    assert rows["cpu"] == ["cpu", "64k", "13.9", "GB", "-", "0", "of", "2", "0", "-", "-"]
+    assert rows["cpu"] == ["cpu", "64k", "13.9", "GB", "-", "0", "of", "2", "0", "-", "-", "-", "-"]
     assert rows["gpu"] == [
         "gpu", "64k", "13.9", "GB", "8", "GiB", "(journal)", "1", "of", "1", "2", "800", "ms",
-        "2400", "ms",
+        "2400", "ms", "1500", "ms", "(learned)", "qwen3:8b",
     ]  # fmt: skip
     assert route.calls.last.request.url.params["num_ctx"] == "65536"
 

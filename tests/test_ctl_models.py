@@ -179,7 +179,37 @@ def test_ps_json_keeps_the_models_per_backend(
     )
     code, out, _ = run(capsys, "ps", "--json")
     assert code == 0
-    assert json.loads(out) == {"backends": {"gpu": [msgspec.to_builtins(loaded)], "cpu": []}}
+    assert json.loads(out) == {
+        "backends": {"gpu": [msgspec.to_builtins(loaded)], "cpu": []},
+        "capacity": {
+            "gpu": {"loaded": 1, "of": None, "source": None},
+            "cpu": {"loaded": 0, "of": None, "source": None},
+        },
+        "kept_hot": {"gpu": [], "cpu": []},
+    }
+
+
+def test_ps_shows_each_backends_capacity_and_the_models_kept_hot(
+    daemon: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loaded = LoadedModel("llama3.1:latest", 5 * GIB, 5 * GIB, "2030-01-01T00:00:00Z", 4096)
+    gpu = backend("gpu", loaded=[loaded])
+    gpu.capacity, gpu.capacity_source, gpu.kept_hot = 1, "learned", ["llama3.1:latest"]
+    cpu = backend("cpu")
+    cpu.capacity, cpu.capacity_source = 3, "default"
+    daemon.get("/harbor/status").respond(200, content=encode(status(gpu, cpu)))
+    code, out, _ = run(capsys, "ps")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[-2:] == ["kept", "hot"]
+    assert lines[2:] == [
+        "gpu: 1 of 1 model (learned from an eviction)",
+        "cpu: 0 of 3 models (Ollama's default)",
+    ]
+    code, out, _ = run(capsys, "ps", "--json")
+    answer = json.loads(out)
+    assert answer["capacity"]["gpu"] == {"loaded": 1, "of": 1, "source": "learned"}
+    assert answer["kept_hot"] == {"gpu": ["llama3.1:latest"], "cpu": []}
 
 
 @pytest.mark.parametrize(
@@ -245,8 +275,13 @@ def test_load_ps_unload_against_harbord(
 
     code, out, _ = ctl(capsys, harbord, "ps")
     assert code == 0
-    rows = sorted([*line.split()[:2], line.split()[4]] for line in out.splitlines()[1:])
+    lines = out.splitlines()
+    rows = sorted([*line.split()[:2], line.split()[4]] for line in lines[1:3])
     assert rows == [["llama3.2:latest", "cpu", "CPU"], ["llama3.2:latest", "gpu", "100%"]]
+    assert lines[3:] == [
+        "gpu: 1 of 3 models (Ollama's default)",
+        "cpu: 1 of 3 models (Ollama's default)",
+    ]
 
     code, out, err = ctl(capsys, harbord, "unload", "llama3.2")
     assert (code, out) == (0, "unloaded llama3.2 from gpu, cpu\n"), err

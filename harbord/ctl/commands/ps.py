@@ -60,8 +60,11 @@ def render(status: Status, now: float) -> str:
         for b in status.backends
         for m in b.loaded
     ]
+    # Each backend's capacity, under the table (a daemon before residency has none).
     lines = [
-        capacity_line(b.name, len(b.loaded), b.capacity, b.capacity_source) for b in status.backends
+        capacity_line(b.name, len(b.loaded), b.capacity, b.capacity_source)
+        for b in status.backends
+        if b.capacity is not None
     ]
     if not rows:
         return "\n".join(["no model is loaded on any backend", *lines])
