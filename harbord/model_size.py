@@ -8,7 +8,9 @@ Ollama (fs/ggml/ggml.go GraphSize, llm/memory.go, ml/device.go) charges a load
                                context-free state
 + compute graph                a per-architecture formula, or (heads / KV heads) x KV / 6
 + projector graph              a vision model's worst-case image
-+ reserve                      per GPU (CUDA/ROCm 457 MiB + OLLAMA_GPU_OVERHEAD); none on a CPU
++ reserve                      per GPU (CUDA/ROCm 457 MiB + OLLAMA_GPU_OVERHEAD) and one
+                               layer counted twice by its fit check; none on a CPU
+The graph and the reserve are charged on every GPU a model is split over.
 A model's facts are reduced once to a `_Shape` (cached by identity): an estimate is then
 a handful of multiplications, cheap enough for every request and backend.
 """
@@ -333,14 +335,17 @@ def estimate_memory(
     kv_cache_type: KvCacheType = "f16",
     flash_attention: bool | None = None,
     gpu_overhead: int = 0,
+    gpus: int = 1,
 ) -> MemoryEstimate:
     """What Ollama takes to load the model at `num_ctx` on a backend of this kind.
 
     `weights`: the model's size in `/api/tags`. `flash_attention` None: Ollama's own
-    default for the architecture. Without facts (no `/api/show` yet) only the weights
-    and the reserve are known: a low estimate never keeps a model off a GPU it fits.
+    default for the architecture. `gpus`: the GPUs the backend splits a model over.
+    Without facts (no `/api/show` yet) only the weights and the reserve are known: a
+    low estimate never keeps a model off a GPU it fits.
     """
-    reserve = GPU_RESERVE + gpu_overhead if kind == "gpu" else 0
+    gpus = max(gpus, 1) if kind == "gpu" else 1
+    reserve = (GPU_RESERVE + gpu_overhead) * gpus if kind == "gpu" else 0
     if facts is None:
         return MemoryEstimate(weights, 0, 0, 0, reserve, num_ctx, parallel, "f16",
                               weights + reserve)  # fmt: skip
@@ -358,7 +363,9 @@ def estimate_memory(
     kv = int((s.full * tokens + s.windowed * (parallel * s.window + batch)) * per_element)
     kv += s.recurrent
     kv_default = int(s.all_layers * tokens * per_element)
-    graph = _graph(s, tokens, batch, kv_default, kv, parallel, flash, kind)
+    graph = _graph(s, tokens, batch, kv_default, kv, parallel, flash, kind) * gpus
+    if kind == "gpu":  # llm/memory.go: a GPU takes layers only with room for one more
+        reserve += weights // facts.block_count + kv // facts.block_count
     total = weights + kv + graph + s.vision + reserve
     return MemoryEstimate(weights, kv, graph, s.vision, reserve, ctx, parallel, kv_type, total)
 
@@ -378,6 +385,7 @@ def size_from_measurement(
     kv_cache_type: KvCacheType = "f16",
     flash_attention: bool | None = None,
     gpu_overhead: int = 0,
+    gpus: int = 1,
 ) -> tuple[int, MeasureSource, MemoryEstimate]:
     """The bytes a load needs, trusting what Ollama measured over what is estimated.
 
@@ -388,7 +396,7 @@ def size_from_measurement(
     estimate. Returns (bytes, source, the estimate at `num_ctx`).
     """
     estimate = estimate_memory(facts, weights, num_ctx, kind, parallel, kv_cache_type,
-                               flash_attention, gpu_overhead)  # fmt: skip
+                               flash_attention, gpu_overhead, gpus)  # fmt: skip
     if measured is None or measured.size <= 0:
         return estimate.total, "estimated", estimate
     same = measured.num_ctx == estimate.num_ctx and measured.parallel == estimate.parallel
@@ -397,6 +405,6 @@ def size_from_measurement(
     if facts is None:
         return estimate.total, "estimated", estimate
     then = estimate_memory(facts, weights, measured.num_ctx, kind, measured.parallel,
-                           kv_cache_type, flash_attention, gpu_overhead)  # fmt: skip
+                           kv_cache_type, flash_attention, gpu_overhead, gpus)  # fmt: skip
     moved = measured.size + context_cost(estimate) - context_cost(then)
     return max(moved, weights) + estimate.reserve, "measured", estimate
