@@ -85,10 +85,18 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The context of a request without options.num_ctx: the unit's
     # OLLAMA_CONTEXT_LENGTH. None: Ollama's own default (memory.ollama_default_context).
     default_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes.
+    # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes (Ollama
+    # quantizes the cache only with flash attention on).
     kv_cache_type: KvCacheType = "f16"
+    # The unit's OLLAMA_FLASH_ATTENTION. None: Ollama's default for each model.
+    flash_attention: bool | None = None
+    # A cpu backend's memory for models. None: this host's MemTotal less
+    # routing.ram_reserve (memory.cpu_budget).
+    ram: ByteSize | None = None
 
     def __post_init__(self) -> None:
+        if self.ram is not None and self.kind != "cpu":
+            raise ValueError("ram is for cpu backends (a gpu backend has vram)")
         if self.parallel == 0:
             self.parallel = 1 if self.kind == "gpu" else 2
         self.url = parse_url(self.url)
@@ -125,6 +133,9 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A waiting `fast` request goes before a `heavy` one that arrived up to this
     # much earlier; a `heavy` one that waited longer goes first (no starving).
     fast_head_start: Seconds = Seconds(10)
+    # What a cpu backend without `ram` leaves the desktop of this host's memory.
+    # None: a tenth of MemTotal, at most 4 GiB.
+    ram_reserve: ByteSize | None = None
 
 
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -157,21 +157,21 @@ class _Shape:
     """What the estimate needs of a model, summed over its layers once."""
 
     __slots__ = (
-        "arch",
-        "full",
-        "window",
-        "windowed",
-        "recurrent",
         "all_layers",
+        "arch",
+        "embedding",
+        "full",
+        "gqa",
+        "head_width",
         "heads",
         "heads_kv",
-        "gqa",
         "key",
-        "head_width",
-        "embedding",
-        "vocab",
-        "vision",
         "quantizable",
+        "recurrent",
+        "vision",
+        "vocab",
+        "window",
+        "windowed",
     )
 
     def __init__(self, facts: ModelFacts) -> None:
@@ -260,8 +260,16 @@ def _shape(facts: ModelFacts) -> _Shape:
 # -- the estimate ----------------------------------------------------------------------
 
 
-def _graph(s: _Shape, tokens: int, batch: int, kv_default: int, kv: int, parallel: int,
-           flash: bool, kind: BackendKind) -> int:  # fmt: skip
+def _graph(
+    s: _Shape,
+    tokens: int,
+    batch: int,
+    kv_default: int,
+    kv: int,
+    parallel: int,
+    flash: bool,
+    kind: BackendKind,
+) -> int:
     """Ollama's compute-graph charge: on a GPU the larger of its full- and
     partial-offload figures (what its fit check uses), on a CPU the full one."""
     e, v, h, c, b = s.embedding, s.vocab, s.heads, tokens, batch
@@ -315,10 +323,9 @@ def _graph(s: _Shape, tokens: int, batch: int, kv_default: int, kv: int, paralle
         full = 4 * b * (e + v)
         partial = full + e * v * 105 // 128
     elif arch in ("gptoss", "gpt-oss"):
-        if flash:
-            partial = (4 * parallel + (c >> 10) + 110) * MIB
-        else:  # charged on the cache as if every layer held the whole context
-            partial = 2 * s.gqa * kv_default // 6
+        # Without flash attention, charged as if every layer held the whole context.
+        flash_graph = (4 * parallel + (c >> 10) + 110) * MIB
+        partial = flash_graph if flash else 2 * s.gqa * kv_default // 6
     if not partial:  # Ollama's fallback for the architectures without a formula
         partial = s.gqa * kv // 6
     if not full:
@@ -347,8 +354,9 @@ def estimate_memory(
     gpus = max(gpus, 1) if kind == "gpu" else 1
     reserve = (GPU_RESERVE + gpu_overhead) * gpus if kind == "gpu" else 0
     if facts is None:
-        return MemoryEstimate(weights, 0, 0, 0, reserve, num_ctx, parallel, "f16",
-                              weights + reserve)  # fmt: skip
+        return MemoryEstimate(
+            weights, 0, 0, 0, reserve, num_ctx, parallel, "f16", weights + reserve
+        )
     s = _shape(facts)
     ctx = facts.context_length if 0 < facts.context_length < num_ctx else num_ctx
     if facts.embedding:
@@ -395,8 +403,9 @@ def size_from_measurement(
     in KV cache and graph. Without a measurement, or without facts to move it by, the
     estimate. Returns (bytes, source, the estimate at `num_ctx`).
     """
-    estimate = estimate_memory(facts, weights, num_ctx, kind, parallel, kv_cache_type,
-                               flash_attention, gpu_overhead, gpus)  # fmt: skip
+    estimate = estimate_memory(
+        facts, weights, num_ctx, kind, parallel, kv_cache_type, flash_attention, gpu_overhead, gpus
+    )
     if measured is None or measured.size <= 0:
         return estimate.total, "estimated", estimate
     same = measured.num_ctx == estimate.num_ctx and measured.parallel == estimate.parallel
@@ -404,7 +413,16 @@ def size_from_measurement(
         return measured.size + estimate.reserve, "measured", estimate
     if facts is None:
         return estimate.total, "estimated", estimate
-    then = estimate_memory(facts, weights, measured.num_ctx, kind, measured.parallel,
-                           kv_cache_type, flash_attention, gpu_overhead, gpus)  # fmt: skip
+    then = estimate_memory(
+        facts,
+        weights,
+        measured.num_ctx,
+        kind,
+        measured.parallel,
+        kv_cache_type,
+        flash_attention,
+        gpu_overhead,
+        gpus,
+    )
     moved = measured.size + context_cost(estimate) - context_cost(then)
     return max(moved, weights) + estimate.reserve, "measured", estimate

@@ -119,7 +119,9 @@ def test_kv_cache_bytes(
 def test_estimate_is_the_breakdowns_total_on_a_gpu() -> None:
     total = estimate(LLAMA, 4_900_000_000, 65536)
     part = estimate_memory(LLAMA, 4_900_000_000, 65536)
-    assert total == part.total == 4_900_000_000 + 8 * GIB + part.graph + GPU_RESERVE
+    assert total == part.total == 4_900_000_000 + 8 * GIB + part.graph + part.reserve
+    # The GPU reserve and the one layer Ollama's fit check counts twice.
+    assert part.reserve == GPU_RESERVE + 4_900_000_000 // 32 + 8 * GIB // 32
     # No facts (no /api/show yet): weights and the GPU reserve, no KV cache.
     assert estimate(None, 4_900_000_000, 65536) == 4_900_000_000 + GPU_RESERVE
 

@@ -44,52 +44,111 @@ GEMMA3_VISION = {
 }
 # gpt-oss:20b (GGUF metadata printed in ollama/ollama#11718 and the model card).
 GPT_OSS_20B = facts(
-    "gptoss", block_count=24, embedding_length=2880, attention__head_count=64,
-    attention__head_count_kv=8, attention__key_length=64, attention__value_length=64,
-    attention__sliding_window=128, context_length=131072, vocab_size=201088,
-    expert_count=32, expert_used_count=4,
-)  # fmt: skip
+    "gptoss",
+    block_count=24,
+    embedding_length=2880,
+    attention__head_count=64,
+    attention__head_count_kv=8,
+    attention__key_length=64,
+    attention__value_length=64,
+    attention__sliding_window=128,
+    context_length=131072,
+    vocab_size=201088,
+    expert_count=32,
+    expert_used_count=4,
+)
 # gemma3:4b and :12b (google/gemma-3-*-it config.json; ollama.com/library/gemma3 metadata).
 GEMMA3_4B = facts(
-    "gemma3", block_count=34, embedding_length=2560, attention__head_count=8,
-    attention__head_count_kv=4, attention__key_length=256, attention__value_length=256,
-    attention__sliding_window=1024, context_length=131072, vocab_size=262144, **GEMMA3_VISION,
-)  # fmt: skip
+    "gemma3",
+    block_count=34,
+    embedding_length=2560,
+    attention__head_count=8,
+    attention__head_count_kv=4,
+    attention__key_length=256,
+    attention__value_length=256,
+    attention__sliding_window=1024,
+    context_length=131072,
+    vocab_size=262144,
+    **GEMMA3_VISION,
+)
 GEMMA3_12B = facts(
-    "gemma3", block_count=48, embedding_length=3840, attention__head_count=16,
-    attention__head_count_kv=8, attention__key_length=256, attention__value_length=256,
-    attention__sliding_window=1024, context_length=131072, vocab_size=262144, **GEMMA3_VISION,
-)  # fmt: skip
+    "gemma3",
+    block_count=48,
+    embedding_length=3840,
+    attention__head_count=16,
+    attention__head_count_kv=8,
+    attention__key_length=256,
+    attention__value_length=256,
+    attention__sliding_window=1024,
+    context_length=131072,
+    vocab_size=262144,
+    **GEMMA3_VISION,
+)
 GEMMA3_27B = facts(
-    "gemma3", block_count=62, embedding_length=5376, attention__head_count=32,
-    attention__head_count_kv=16, attention__key_length=128, attention__value_length=128,
-    attention__sliding_window=1024, context_length=131072, vocab_size=262144, **GEMMA3_VISION,
-)  # fmt: skip
+    "gemma3",
+    block_count=62,
+    embedding_length=5376,
+    attention__head_count=32,
+    attention__head_count_kv=16,
+    attention__key_length=128,
+    attention__value_length=128,
+    attention__sliding_window=1024,
+    context_length=131072,
+    vocab_size=262144,
+    **GEMMA3_VISION,
+)
 # mistral-small3.1/3.2:24b, architecture mistral3 (GGUF metadata in ollama/ollama#10553).
 MISTRAL3_24B = facts(
-    "mistral3", block_count=40, embedding_length=5120, attention__head_count=32,
-    attention__head_count_kv=8, attention__key_length=128, attention__value_length=128,
-    context_length=131072, vocab_size=131072, vision__block_count=24,
-    vision__embedding_length=1024, vision__attention__head_count=16, vision__image_size=1540,
-    vision__patch_size=14, vision__num_channels=3,
-)  # fmt: skip
+    "mistral3",
+    block_count=40,
+    embedding_length=5120,
+    attention__head_count=32,
+    attention__head_count_kv=8,
+    attention__key_length=128,
+    attention__value_length=128,
+    context_length=131072,
+    vocab_size=131072,
+    vision__block_count=24,
+    vision__embedding_length=1024,
+    vision__attention__head_count=16,
+    vision__image_size=1540,
+    vision__patch_size=14,
+    vision__num_channels=3,
+)
 # llama3.2:3b (GGUF metadata printed in ollama/ollama#7673).
 LLAMA32_3B = facts(
-    "llama", block_count=28, embedding_length=3072, attention__head_count=24,
-    attention__head_count_kv=8, attention__key_length=128, attention__value_length=128,
-    context_length=131072, vocab_size=128256,
-)  # fmt: skip
+    "llama",
+    block_count=28,
+    embedding_length=3072,
+    attention__head_count=24,
+    attention__head_count_kv=8,
+    attention__key_length=128,
+    attention__value_length=128,
+    context_length=131072,
+    vocab_size=128256,
+)
 # llama3:70b (Meta-Llama-3-70B config.json: 80 layers, 8192 wide, 64 heads, 8 KV heads).
 LLAMA3_70B = facts(
-    "llama", block_count=80, embedding_length=8192, attention__head_count=64,
-    attention__head_count_kv=8, context_length=8192, vocab_size=128256,
-)  # fmt: skip
+    "llama",
+    block_count=80,
+    embedding_length=8192,
+    attention__head_count=64,
+    attention__head_count_kv=8,
+    context_length=8192,
+    vocab_size=128256,
+)
 # qwen3:32b (GGUF metadata printed in ollama/ollama#10740 itself).
 QWEN3_32B = facts(
-    "qwen3", block_count=64, embedding_length=5120, attention__head_count=64,
-    attention__head_count_kv=8, attention__key_length=128, attention__value_length=128,
-    context_length=40960, vocab_size=151936,
-)  # fmt: skip
+    "qwen3",
+    block_count=64,
+    embedding_length=5120,
+    attention__head_count=64,
+    attention__head_count_kv=8,
+    attention__key_length=128,
+    attention__value_length=128,
+    context_length=40960,
+    vocab_size=151936,
+)
 
 
 @dataclass(frozen=True)
@@ -123,24 +182,57 @@ OBSERVED = [
     # https://github.com/atineiatte/deep-research-at-home/issues/14 (a CPU-only server,
     # library=cpu): --ctx-size 8192 --parallel 2 (num_ctx 4096 x 2); weights.total 6.8 GiB
     # + projector.weights 795.9 MiB; memory.required.full 10.5 GiB.
-    Observed("gemma3:12b", GEMMA3_12B, int(6.8 * GIB + 795.9 * MIB), 4096, 2,
-             int(10.5 * GIB), "full", kind="cpu"),  # fmt: skip
+    Observed(
+        "gemma3:12b",
+        GEMMA3_12B,
+        int(6.8 * GIB + 795.9 * MIB),
+        4096,
+        2,
+        int(10.5 * GIB),
+        "full",
+        kind="cpu",
+    ),
     # https://github.com/ollama/ollama/issues/9678 (0.6.0, RTX 4090): flash attention on,
     # OLLAMA_KV_CACHE_TYPE=q8_0, num_ctx 20000 (the report says 20k); weights.total
     # 19.1 GiB; memory.required.full 22.5 GiB (that version charged every gemma3
     # layer the full context: kv 4.7 GiB, where later ones charge 1.1).
-    Observed("gemma3:27b", GEMMA3_27B, int(19.1 * GIB), 20000, 1, int(22.5 * GIB), "full",
-             flash_attention=True, kv_cache_type="q8_0"),  # fmt: skip
+    Observed(
+        "gemma3:27b",
+        GEMMA3_27B,
+        int(19.1 * GIB),
+        20000,
+        1,
+        int(22.5 * GIB),
+        "full",
+        flash_attention=True,
+        kv_cache_type="q8_0",
+    ),
     # https://github.com/ollama/ollama/pull/11090 (new memory management, measured):
     # mistral-small3.2:24b-instruct-2506-q8_0 at 131072: /api/ps total=87836872554
     # (81.8 GiB), split over two GPUs (VRAM 51.7 GiB); ollama.com lists it at 26GB.
-    Observed("mistral-small3.2:24b-q8_0", MISTRAL3_24B, 26_000_000_000, 131072, 1,
-             87_836_872_554, "ps", gpus=2),  # fmt: skip
+    Observed(
+        "mistral-small3.2:24b-q8_0",
+        MISTRAL3_24B,
+        26_000_000_000,
+        131072,
+        1,
+        87_836_872_554,
+        "ps",
+        gpus=2,
+    ),
     # https://github.com/ollama/ollama/issues/10615 (two 24 GiB GPUs, layers.split=10,27):
     # mistral-small3.1:24b q4 at 64k; weights.total 13.1 GiB + projector.weights
     # 769.3 MiB; memory.required.full 48.0 GiB.
-    Observed("mistral-small3.1:24b", MISTRAL3_24B, int(13.1 * GIB + 769.3 * MIB), 65536, 1,
-             int(48.0 * GIB), "full", gpus=2),  # fmt: skip
+    Observed(
+        "mistral-small3.1:24b",
+        MISTRAL3_24B,
+        int(13.1 * GIB + 769.3 * MIB),
+        65536,
+        1,
+        int(48.0 * GIB),
+        "full",
+        gpus=2,
+    ),
     # https://github.com/ollama/ollama/issues/8098 (one 80 GiB GPU): llama3.2:3b (28 blocks,
     # kv 896 MiB) with --ctx-size 8192 --parallel 4 (num_ctx 2048 x 4); weights.total
     # 2.4 GiB; memory.required.full 3.7 GiB.
@@ -152,16 +244,23 @@ OBSERVED = [
     # https://github.com/ollama/ollama/issues/10740 (three RTX 3090): Qwen3-32B-Q6_K at a 32k
     # context, "the logs report a total required memory of 67.3 GiB"; Q6_K of its
     # 32.8B parameters is 26.9 GB (6.56 bits a weight).
-    Observed("qwen3:32b-q6_K", QWEN3_32B, 26_900_000_000, 32768, 1, int(67.3 * GIB), "full",
-             gpus=3),  # fmt: skip
+    Observed(
+        "qwen3:32b-q6_K", QWEN3_32B, 26_900_000_000, 32768, 1, int(67.3 * GIB), "full", gpus=3
+    ),
 ]
 
 
 def _estimated(row: Observed) -> int:
     part = estimate_memory(
-        row.facts, row.weights, row.num_ctx, row.kind, row.parallel, row.kv_cache_type,
-        row.flash_attention, gpus=row.gpus,
-    )  # fmt: skip
+        row.facts,
+        row.weights,
+        row.num_ctx,
+        row.kind,
+        row.parallel,
+        row.kv_cache_type,
+        row.flash_attention,
+        gpus=row.gpus,
+    )
     # /api/ps reports what was allocated: Ollama's per-GPU reserve is not in it.
     return part.total - part.reserve if row.what == "ps" else part.total
 
@@ -214,9 +313,13 @@ def test_the_table_covers_the_kinds_of_model() -> None:
     ],
 )
 def test_parts_match_the_log(
-    model_facts: ModelFacts, num_ctx: int, parallel: int, kind: BackendKind, part: str,
+    model_facts: ModelFacts,
+    num_ctx: int,
+    parallel: int,
+    kind: BackendKind,
+    part: str,
     reported: int,
-) -> None:  # fmt: skip
+) -> None:
     estimate = estimate_memory(model_facts, 0, num_ctx, kind, parallel, flash_attention=False)
     value = getattr(estimate, part)
     assert abs(value - reported) <= reported // 50, f"{part}: {value / MIB:.1f} MiB"
