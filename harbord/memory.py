@@ -24,10 +24,8 @@ from harbord.schemas import GpuMemory, KvCacheType, MemoryBudget, ModelFacts, Ps
 
 __all__ = ["GIB", "KV_BYTES_PER_ELEMENT", "MIB", "parse_model_info"]
 
-# Beyond weights and KV cache: the compute graph for one batch (Ollama's num_batch
-# 512: a few hundred MiB for 7-14B models) and the CUDA/ROCm context. Ollama's own
-# estimate adds both; half a GiB is a modest, round figure for the models that fit a
-# desktop GPU, and a miss here is what spill learning (update_spills) corrects.
+# The flat figure policy.py's inlined estimate adds for graph and GPU context, until
+# it calls model_size.estimate_memory, which sizes both as Ollama does.
 ALLOWANCE = 512 * MIB
 
 # Ollama's default context when neither num_ctx nor OLLAMA_CONTEXT_LENGTH says
