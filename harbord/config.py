@@ -85,14 +85,22 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The context of a request without options.num_ctx: the unit's
     # OLLAMA_CONTEXT_LENGTH. None: Ollama's own default (memory.ollama_default_context).
     default_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes.
+    # The unit's OLLAMA_KV_CACHE_TYPE: what one KV-cache element takes (Ollama
+    # quantizes the cache only with flash attention on).
     kv_cache_type: KvCacheType = "f16"
     # Models the backend holds loaded at once: the unit's OLLAMA_MAX_LOADED_MODELS.
     # None: read from the unit's environment, else learned from an eviction, else
     # Ollama's default (residency.choose_capacity).
     max_loaded: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # The unit's OLLAMA_FLASH_ATTENTION. None: Ollama's default for each model.
+    flash_attention: bool | None = None
+    # A cpu backend's memory for models. None: this host's MemTotal less
+    # routing.ram_reserve (memory.cpu_budget).
+    ram: ByteSize | None = None
 
     def __post_init__(self) -> None:
+        if self.ram is not None and self.kind != "cpu":
+            raise ValueError("ram is for cpu backends (a gpu backend has vram)")
         if self.parallel == 0:
             self.parallel = 1 if self.kind == "gpu" else 2
         self.url = parse_url(self.url)
@@ -132,6 +140,9 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # When a GPU backend is idle and the model fast requests use most was evicted
     # from it, load it again in the background (residency: keep it hot).
     keep_hot: bool = True
+    # What a cpu backend without `ram` leaves the desktop of this host's memory.
+    # None: a tenth of MemTotal, at most 4 GiB.
+    ram_reserve: ByteSize | None = None
 
 
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -4,10 +4,8 @@ The daemon gathers the raw facts (`/api/show`, the GPU unit's journal, sysfs,
 `nvidia-smi`, `/api/ps`); this module turns them into numbers the policy compares.
 No I/O here.
 
-A model loaded by Ollama takes its weights (the `size` in `/api/tags`), a KV cache
-of K and V for every layer and every token of the context, per parallel slot
-(Ollama sizes the cache for `num_ctx * OLLAMA_NUM_PARALLEL` tokens), and a compute
-graph plus the GPU runtime's own buffers (`ALLOWANCE`).
+What a model takes loaded is model_size.py's (estimate_memory, as Ollama sizes it);
+`estimate` and `kv_elements_per_token` here are the older, simpler names for it.
 """
 
 from __future__ import annotations
@@ -15,19 +13,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from harbord.model_size import (
+    GIB,
+    KV_BYTES_PER_ELEMENT,
+    MIB,
+    estimate_memory,
+    parse_model_info,
+)
 from harbord.schemas import GpuMemory, KvCacheType, MemoryBudget, ModelFacts, PsModel
 
-GIB = 1024**3
-MIB = 1024**2
+__all__ = ["GIB", "KV_BYTES_PER_ELEMENT", "MIB", "parse_model_info"]
 
-# Bytes per KV-cache element: f16 is 2; ggml's q8_0 stores a block of 32 values in
-# 34 bytes (32 int8 + an f16 scale), q4_0 in 18 (16 bytes of nibbles + the scale).
-KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
-# Beyond weights and KV cache: the compute graph for one batch (Ollama's num_batch
-# 512: a few hundred MiB for 7-14B models) and the CUDA/ROCm context. Ollama's own
-# estimate adds both; half a GiB is a modest, round figure for the models that fit a
-# desktop GPU, and a miss here is what spill learning (update_spills) corrects.
+# The flat figure policy.py's inlined estimate adds for graph and GPU context, until
+# it calls model_size.estimate_memory, which sizes both as Ollama does.
 ALLOWANCE = 512 * MIB
 
 # Ollama's default context when neither num_ctx nor OLLAMA_CONTEXT_LENGTH says
@@ -37,42 +35,6 @@ OLLAMA_DEFAULT_CONTEXT = 4096
 
 
 # -- model facts and the estimate ---------------------------------------------
-
-
-def _int(info: Mapping[str, object], key: str) -> int:
-    """An integer field; a per-layer list (some architectures) counts by its largest."""
-    value = info.get(key)
-    if isinstance(value, list):
-        value = max((v for v in value if isinstance(v, int)), default=0)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    return int(value)
-
-
-def parse_model_info(model_info: Mapping[str, object]) -> ModelFacts | None:
-    """`/api/show`'s `model_info` -> ModelFacts; None when the shape facts are missing.
-
-    Keys carry the architecture as a prefix (`llama.block_count`); a model without
-    `head_count_kv` uses one KV head per attention head (no grouped-query attention).
-    """
-    arch = model_info.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        return None
-    blocks = _int(model_info, f"{arch}.block_count")
-    width = _int(model_info, f"{arch}.embedding_length")
-    heads = _int(model_info, f"{arch}.attention.head_count")
-    if blocks <= 0 or width <= 0 or heads <= 0:
-        return None
-    return ModelFacts(
-        architecture=arch,
-        block_count=blocks,
-        embedding_length=width,
-        head_count=heads,
-        head_count_kv=_int(model_info, f"{arch}.attention.head_count_kv") or heads,
-        key_length=_int(model_info, f"{arch}.attention.key_length"),
-        value_length=_int(model_info, f"{arch}.attention.value_length"),
-        context_length=_int(model_info, f"{arch}.context_length"),
-    )
 
 
 def kv_elements_per_token(facts: ModelFacts) -> int:
@@ -101,13 +63,14 @@ def estimate(
     kv_type: KvCacheType = "f16",
     parallel: int = 1,
 ) -> int:
-    """Bytes the model takes loaded at `num_ctx`: weights + KV cache + ALLOWANCE.
+    """Bytes the model takes loaded on a GPU at `num_ctx`, as Ollama sizes it.
 
-    Without facts (no `/api/show` yet) the KV cache is left out: a low estimate
-    never keeps a model off a GPU it would fit.
+    The total of model_size.estimate_memory (weights, KV cache, graph, projector,
+    reserve), with flash attention as Ollama's default for the model. Without facts
+    (no `/api/show` yet) only weights and reserve: a low estimate never keeps a model
+    off a GPU it would fit.
     """
-    kv = 0 if facts is None else kv_cache_bytes(facts, num_ctx, kv_type, parallel)
-    return weights + kv + ALLOWANCE
+    return estimate_memory(facts, weights, num_ctx, "gpu", parallel, kv_type).total
 
 
 def ollama_default_context(gpu_total: int | None) -> int:
@@ -278,6 +241,43 @@ def choose_budget(
     if total:
         return MemoryBudget(total, "nvidia-smi")
     return ps
+
+
+# -- a CPU backend's memory -------------------------------------------------------
+
+# What the desktop keeps when `ram` is not configured: a tenth of the machine, at most this.
+RAM_RESERVE_CAP = 4 * GIB
+
+
+def parse_meminfo_total(text: str) -> int | None:
+    """`/proc/meminfo`'s MemTotal ("MemTotal:  32767436 kB") in bytes."""
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "MemTotal":
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                unit = parts[1].lower() if len(parts) > 1 else "b"
+                return int(parts[0]) * (1024 if unit == "kb" else 1)
+    return None
+
+
+def cpu_budget(
+    configured: int | None, meminfo: str | None, reserve: int | None = None
+) -> MemoryBudget | None:
+    """The memory a CPU backend can give its models: config `ram`, else the machine's.
+
+    The machine's is `/proc/meminfo` MemTotal (read on this host, so only for a
+    backend on it) less `reserve` for the desktop; None: a tenth, at most 4 GiB.
+    None when neither is known.
+    """
+    if configured:
+        return MemoryBudget(configured, "config", "backend key ram")
+    total = parse_meminfo_total(meminfo) if meminfo else None
+    if not total:
+        return None
+    kept = min(total // 10, RAM_RESERVE_CAP) if reserve is None else reserve
+    detail = f"MemTotal {format_gib(total)} less {format_gib(kept)} for the desktop"
+    return MemoryBudget(max(total - kept, 0), "meminfo", detail)
 
 
 # -- how the numbers are written ---------------------------------------------------

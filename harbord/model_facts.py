@@ -3,7 +3,7 @@
 A plan never waits for these. They are fetched in the background as soon as a
 backend's inventory lists the model (a few at a time), so a model is usually known
 before its first request; a plan that still finds a model unknown (just pulled)
-goes without (memory.estimate then leaves the KV cache out) and asks for it here.
+goes without (model_size.estimate_memory then counts weights and reserve only) and asks for it here.
 An entry is forgotten when the model's size in the inventory changes (pulled
 anew), and a failed fetch is retried after `retry_after`.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from harbord.memory import parse_model_info
+from harbord.model_size import parse_model_info
 from harbord.schemas import ModelFacts
 from harbord.upstream import Pools, UpstreamError
 
@@ -33,10 +33,20 @@ RETRY_AFTER = 60.0
 CONCURRENT_FETCHES = 4
 
 
+class ShowTensor(msgspec.Struct):
+    name: str = ""
+    shape: list[int] = msgspec.field(default_factory=list)
+
+
 class Show(msgspec.Struct):
-    """The part of `/api/show`'s answer read here."""
+    """The part of `/api/show`'s answer read here.
+
+    `tensors` give the vocabulary, and which layers have attention where the answer
+    (not verbose) hides the per-layer lists of a hybrid model.
+    """
 
     model_info: dict[str, object] | None = None
+    tensors: list[ShowTensor] | None = None
 
 
 _show = msgspec.json.Decoder(Show)
@@ -104,7 +114,8 @@ class ModelFactsCache:
             return
         self._failed.pop(model, None)
         self._sizes[model] = size
-        facts = parse_model_info(show.model_info or {})
+        tensors = [(t.name, t.shape) for t in show.tensors or ()]
+        facts = parse_model_info(show.model_info or {}, tensors)
         if facts is None:
             log.info("%s: /api/show gave no model shape; its KV cache is not estimated", model)
             return

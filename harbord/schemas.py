@@ -296,21 +296,66 @@ PlacementRule = Literal[
 ]
 # How a backend's model capacity (OLLAMA_MAX_LOADED_MODELS) is known (residency.py).
 CapacitySource = Literal["config", "unit", "learned", "default"]
-BudgetSource = Literal["config", "journal", "sysfs", "nvidia-smi", "/api/ps"]
+BudgetSource = Literal["config", "journal", "sysfs", "nvidia-smi", "/api/ps", "meminfo"]
 
 
 class ModelFacts(msgspec.Struct, frozen=True):
-    """What the KV-cache estimate needs from `/api/show`'s `model_info`."""
+    """What the memory estimate needs from `/api/show`'s `model_info` (model_size.py)."""
 
     architecture: str
     block_count: int
     embedding_length: int
-    head_count: int
-    head_count_kv: int
+    head_count: int  # the largest, where layers differ
+    head_count_kv: int  # the largest, where layers differ
     # Per-head key and value widths where the model states them (0: embedding / heads).
     key_length: int = 0
     value_length: int = 0
     context_length: int = 0  # the longest context the model was trained for; 0: unknown
+    # Per layer, for hybrid models (0: a layer without attention, i.e. recurrent);
+    # (): every layer has head_count / head_count_kv.
+    head_count_layers: tuple[int, ...] = ()
+    head_count_kv_layers: tuple[int, ...] = ()
+    sliding_window: int = 0  # tokens a sliding-window layer attends to; 0: none stated
+    vocab_size: int = 0  # 0: unknown
+    expert_count: int = 0  # mixture of experts: experts per layer, and used per token
+    expert_used_count: int = 0
+    # Recurrent (SSM) layers' state: what it takes is independent of the context.
+    ssm_conv_kernel: int = 0
+    ssm_inner_size: int = 0
+    ssm_state_size: int = 0
+    ssm_group_count: int = 0
+    embedding: bool = False  # an embedding model (`<arch>.pooling_type` present)
+    file_type: int = 0  # general.file_type: the weights' quantization
+    # The vision encoder (`<arch>.vision.*`), whose worst-case image sizes a graph.
+    vision_block_count: int = 0
+    vision_embedding_length: int = 0
+    vision_head_count: int = 0
+    vision_image_size: int = 0
+    vision_patch_size: int = 0
+    vision_num_channels: int = 0
+    vision_max_pixels: int = 0
+
+
+class MemoryEstimate(msgspec.Struct, frozen=True):
+    """What a model takes loaded, in bytes, part by part (model_size.estimate_memory)."""
+
+    weights: int  # the size in /api/tags (a vision projector's tensors included)
+    kv: int  # KV cache, and recurrent state
+    graph: int  # the compute graph for one batch
+    projector: int  # the vision encoder's graph for its worst-case image
+    reserve: int  # what Ollama keeps free per GPU; 0 on a CPU
+    num_ctx: int  # the context estimated for, after the cap at the trained length
+    parallel: int  # parallel slots estimated for (1 for an embedding model)
+    kv_cache_type: KvCacheType  # the cache type in effect (f16 without flash attention)
+    total: int
+
+
+class MeasuredSize(msgspec.Struct, frozen=True):
+    """What `/api/ps` showed a model take on one backend, and what it was loaded with."""
+
+    size: int
+    num_ctx: int  # /api/ps `context_length`
+    parallel: int
 
 
 class GpuMemory(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -322,7 +367,7 @@ class GpuMemory(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class MemoryBudget(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The memory a GPU backend can give one model, and where the figure came from."""
+    """The memory a backend can give one model, and where the figure came from."""
 
     bytes: int
     source: BudgetSource

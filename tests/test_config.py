@@ -226,3 +226,37 @@ def test_placement_key_errors(tmp_path: Path, text: str, key: str, what: str) ->
     assert message.startswith(str(path))
     assert f"'{key}'" in message
     assert what in message
+
+
+def test_memory_keys(tmp_path: Path) -> None:
+    cfg = load(env=env_for(tmp_path))
+    assert cfg.backends["cpu"].ram is None and cfg.routing.ram_reserve is None
+    assert cfg.backends["gpu"].flash_attention is None  # Ollama's default per model
+    path = write(
+        tmp_path,
+        '[routing]\nram_reserve = "2 GiB"\n[backends.cpu]\nram = "24 GiB"\n'
+        "[backends.gpu]\nflash_attention = true\n",
+    )
+    cfg = load(Overrides(config=str(path)), env=env_for(tmp_path))
+    assert cfg.backends["cpu"].ram == 24 * 1024**3
+    assert cfg.routing.ram_reserve == 2 * 1024**3
+    assert cfg.backends["gpu"].flash_attention is True
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "what"),
+    [
+        ('[backends.cpu]\nram = "lots"\n', "backends.cpu.ram", "size"),
+        ('[backends.gpu]\nram = "8 GiB"\n', "backends.gpu", "ram is for cpu backends"),
+        ('[backends.gpu]\nflash_attention = "yes"\n', "backends.gpu.flash_attention", "bool"),
+        ("[routing]\nram_reserve = -1\n", "routing.ram_reserve", "size"),
+    ],
+)
+def test_memory_key_errors(tmp_path: Path, text: str, key: str, what: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(Overrides(config=str(path)), env=env_for(tmp_path))
+    message = str(err.value)
+    assert message.startswith(str(path))
+    assert f"'{key}'" in message
+    assert what in message

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from harbord.memory import (
-    ALLOWANCE,
     GIB,
     MIB,
     choose_budget,
@@ -25,6 +24,7 @@ from harbord.memory import (
     spill_budget,
     update_spills,
 )
+from harbord.model_size import GPU_RESERVE, estimate_memory
 from harbord.queueing import WaitQueue, ewma, expected_finish_ms, serve_order, wait_key
 from harbord.schemas import GpuMemory, MemoryBudget, ModelFacts, PsModel
 
@@ -116,14 +116,14 @@ def test_kv_cache_bytes(
     assert kv_cache_bytes(facts, num_ctx, kv_type, parallel) == kv  # type: ignore[arg-type]
 
 
-def test_estimate_is_weights_kv_and_allowance() -> None:
-    assert estimate(LLAMA, 4_900_000_000, 65536) == 4_900_000_000 + 8 * GIB + ALLOWANCE
-    assert (
-        estimate(LLAMA, 4_900_000_000, 65536, "q8_0", 2)
-        == 4_900_000_000 + 17 * GIB // 2 + ALLOWANCE
-    )
-    assert estimate(None, 4_900_000_000, 65536) == 4_900_000_000 + ALLOWANCE  # no facts: no KV
-    assert 256 * MIB <= ALLOWANCE <= GIB  # modest
+def test_estimate_is_the_breakdowns_total_on_a_gpu() -> None:
+    total = estimate(LLAMA, 4_900_000_000, 65536)
+    part = estimate_memory(LLAMA, 4_900_000_000, 65536)
+    assert total == part.total == 4_900_000_000 + 8 * GIB + part.graph + part.reserve
+    # The GPU reserve and the one layer Ollama's fit check counts twice.
+    assert part.reserve == GPU_RESERVE + 4_900_000_000 // 32 + 8 * GIB // 32
+    # No facts (no /api/show yet): weights and the GPU reserve, no KV cache.
+    assert estimate(None, 4_900_000_000, 65536) == 4_900_000_000 + GPU_RESERVE
 
 
 @pytest.mark.parametrize(
