@@ -11,7 +11,6 @@ from aiohttp import web
 
 from .generation import Generation, Plan
 from .plumbing import Ctx, Reply
-from .scheduler import Residency
 from .wire import (
     SSE,
     _dumpb,
@@ -21,7 +20,7 @@ from .wire import (
 )
 
 
-class AnthropicAPI(Generation, Residency):
+class AnthropicAPI(Generation):
     """Ollama's Anthropic-compatible endpoints."""
 
     # ---- Anthropic Messages (/v1/messages) --------------------------------------------

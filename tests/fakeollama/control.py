@@ -8,10 +8,11 @@ import os
 
 from aiohttp import web
 
-from .plumbing import Base, Record
+from .plumbing import Record
+from .scheduler import Residency
 
 
-class ControlAPI(Base):
+class ControlAPI(Residency):
     """Request log, fault set and stats for tests."""
 
     # ---- control ----------------------------------------------------------------------
@@ -52,9 +53,22 @@ class ControlAPI(Base):
                 "counts": self.counts,
                 "running": running,
                 "logged": len(self.log),
-                "loaded": sorted(self.loaded),
+                "loaded": sorted(ld.info.key for ld in self.resident()),
                 "waiting": self.sched.waiting,
                 "active": {k: n for k, n in self.sched.active.items() if n},
+                "max_loaded": self.sched.max_loaded,
+                "resident": [
+                    {
+                        "model": ld.info.name,
+                        "size": ld.size,
+                        "size_vram": ld.size_vram,
+                        "context_length": ld.context_length,
+                        "expires": ld.expires,
+                        "busy": self.sched.busy(ld.info.key),
+                    }
+                    for ld in self.resident()
+                ],
+                **self.tally.as_json(),
             }
         )
 

@@ -12,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from .models import ModelInfo
-from .plumbing import Base, Ctx, Reply
+from .plumbing import Ctx, Reply
+from .scheduler import Residency
 from .wire import (
     EMBED_DIM,
     _dumpb,
@@ -61,7 +62,7 @@ class Plan:
         }
 
 
-class Generation(Base):
+class Generation(Residency):
     """Reply planning and the streaming core shared by every API family."""
 
     # ---- reply planning ---------------------------------------------------------------
@@ -141,10 +142,11 @@ class Generation(Base):
         return self.token_delay if d is None else d
 
     async def _prompt(self, plan: Plan) -> None:
-        """Prompt evaluation: ``prompt_delay`` before the first token."""
-        if self.prompt_delay > 0.0:
+        """Prompt evaluation: the model's ``prompt_delay`` before the first token."""
+        delay = self.prompt_delay(plan.model)
+        if delay > 0.0:
             t = time.perf_counter_ns()
-            await _sleep_at_least(self.prompt_delay)
+            await _sleep_at_least(delay)
             plan.prompt_ns = time.perf_counter_ns() - t
 
     def _stop_point(self, model: str, n_events: int) -> tuple[int | None, bool]:
@@ -233,6 +235,9 @@ class Generation(Base):
         info = await self._gate(ctx, body, model)
         keep_alive = self._keep_alive(ctx, body)
         load_ns = await self._load(ctx, info, model, body, keep_alive)
+        seconds = self.embed_time(model)  # the model's service time for an embedding
+        if seconds > 0.0:
+            await _sleep_at_least(seconds)
         stop_at, abort = self._stop_point(model, 1)
         if stop_at is not None:
             if abort:

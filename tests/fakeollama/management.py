@@ -11,7 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from .models import _key, _make_model, normalize_name
-from .plumbing import Base, Ctx, Reply
+from .plumbing import Ctx, Reply
+from .scheduler import Residency
 from .wire import (
     DEFAULT_MODEL_SIZE,
     NDJSON,
@@ -19,7 +20,7 @@ from .wire import (
 )
 
 
-class ManagementAPI(Base):
+class ManagementAPI(Residency):
     """Endpoints that change the model catalogue."""
 
     @staticmethod
@@ -188,7 +189,7 @@ class ManagementAPI(Base):
         if info is None:
             raise Reply(self._err(ctx, 404, f"model '{model}' not found"))
         self.models.pop(info.key, None)
-        self.loaded.pop(info.key, None)
+        self.unload(info.key)
         return web.Response(status=200)
 
     async def _blob_head(self, request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,6 @@ from aiohttp import web
 from .generation import Generation, Plan
 from .models import ModelInfo, embed_vector
 from .plumbing import Ctx, Reply
-from .scheduler import Residency
 from .wire import (
     NDJSON,
     _dumpb,
@@ -21,7 +20,7 @@ from .wire import (
 )
 
 
-class NativeAPI(Generation, Residency):
+class NativeAPI(Generation):
     """Ollama's own endpoints for generation, embeddings and listing."""
 
     # ---- native chat / generate -------------------------------------------------------
@@ -96,7 +95,7 @@ class NativeAPI(Generation, Residency):
         self, ctx: Ctx, model: str, generate: bool, unload: bool, info: ModelInfo
     ) -> web.Response:
         if unload:
-            self.loaded.pop(info.key, None)
+            self.unload(info.key)
         out: dict[str, Any] = {"model": model, "created_at": _now_iso()}
         if generate:
             out["response"] = ""
@@ -277,13 +276,10 @@ class NativeAPI(Generation, Residency):
         return self._json({"models": [m.tag_entry() for m in self._visible_models()]})
 
     async def _ps(self, request: web.Request) -> web.StreamResponse:
-        now = time.time()
         hidden = self.faults.missing_models
         out = []
-        for key, ld in list(self.loaded.items()):
-            if ld.expires <= now:
-                del self.loaded[key]
-                continue
+        for ld in self.resident():
+            key = ld.info.key
             if key in hidden or key not in self.models:
                 continue
             info = ld.info

@@ -15,7 +15,6 @@ from aiohttp import web
 from .generation import Generation, Plan
 from .models import ModelInfo, embed_vector
 from .plumbing import Ctx, Reply
-from .scheduler import Residency
 from .wire import (
     SSE,
     _dumpb,
@@ -25,7 +24,7 @@ from .wire import (
 )
 
 
-class OpenAIAPI(Generation, Residency):
+class OpenAIAPI(Generation):
     """Ollama's OpenAI-compatible endpoints."""
 
     # ---- OpenAI compatibility ---------------------------------------------------------

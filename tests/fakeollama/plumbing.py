@@ -32,7 +32,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .scheduler import Loaded, Scheduler
+    from .scheduler import Loaded, PerModel, Scheduler, Tally
 
 
 # --------------------------------------------------------------------------------------
@@ -132,8 +132,11 @@ class Base:
     started: float
     models: dict[str, ModelInfo]
     sched: Scheduler
-    load_time: float
-    prompt_delay: float
+    ram: int | None
+    load_time: PerModel
+    prompt_delay: PerModel
+    embed_time: PerModel
+    tally: Tally
     silent_sse_errors: bool
     loaded: dict[str, Loaded]
     blobs: set[str]
@@ -164,6 +167,10 @@ class Base:
             if flag:
                 event.clear()
         return faults
+
+    def _finish(self, ctx: Ctx) -> None:
+        """Release what the request held in the scheduler (Residency does it)."""
+        raise NotImplementedError
 
     async def _wait_hang(self) -> None:
         while self.faults.hang:
@@ -220,10 +227,7 @@ class Base:
             else:
                 rec.finish("completed" if resp.status < 400 else "failed", resp.status)
             finally:
-                if ctx.unload is not None:
-                    self.loaded.pop(ctx.unload, None)
-                if ctx.slot is not None:
-                    self.sched.release(ctx.slot)
+                self._finish(ctx)
                 rec.finished_seq = self.sched.tick()
             return resp
 

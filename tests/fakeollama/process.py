@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .faults import Faults
 from .models import Arch
+from .scheduler import DEFAULT_MAX_LOADED
 from .server import FakeServer
 from .wire import (
     DEFAULT_CONTEXT,
@@ -102,6 +103,18 @@ def _parse_arch(spec: str) -> tuple[str, Arch]:
     return name, Arch(vals[0], vals[1], vals[2], vals[3], ctx_max)
 
 
+def _parse_seconds(spec: str) -> tuple[str, float]:
+    """``SECONDS`` (the default, as model ``""``) or ``MODEL=SECONDS``."""
+    name, _, secs = spec.rpartition("=")
+    try:
+        value = float(secs)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seconds in {spec!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"negative seconds in {spec!r}")
+    return name, value
+
+
 def _parse_size(raw: str) -> int:
     try:
         return int(float(raw))
@@ -157,15 +170,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-loaded-models",
+        "--max-loaded",
+        dest="max_loaded_models",
         type=int,
+        default=DEFAULT_MAX_LOADED,
+        help="models loaded at once (OLLAMA_MAX_LOADED_MODELS; default %(default)s, "
+        "as Ollama per GPU); 1 = a GPU that evicts; 0 = no limit",
+    )
+    p.add_argument(
+        "--ram",
+        type=_parse_size,
         default=None,
-        help="models loaded at once; 1 = a GPU that evicts (OLLAMA_MAX_LOADED_MODELS)",
+        help="a CPU server's memory in bytes: loads past it evict idle models (or fail alone)",
     )
     p.add_argument(
-        "--load-time", type=float, default=0.0, help="seconds a request waits to load its model"
+        "--load-time",
+        action="append",
+        type=_parse_seconds,
+        metavar="[MODEL=]SECONDS",
+        help="seconds loading a model takes (repeat per model; no MODEL: the default)",
     )
     p.add_argument(
-        "--prompt-delay", type=float, default=0.0, help="seconds of prompt evaluation per request"
+        "--prompt-delay",
+        action="append",
+        type=_parse_seconds,
+        metavar="[MODEL=]SECONDS",
+        help="seconds of prompt evaluation before the first token (repeat per model)",
+    )
+    p.add_argument(
+        "--embed-time",
+        action="append",
+        type=_parse_seconds,
+        metavar="[MODEL=]SECONDS",
+        help="seconds an embedding request takes once its model is loaded (repeat per model)",
     )
     p.add_argument(
         "--tokens-per-second",
@@ -236,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             parallel=args.parallel,
             max_queue=args.max_queue,
             max_loaded_models=args.max_loaded_models,
-            load_time=args.load_time,
-            prompt_delay=args.prompt_delay,
+            load_time=dict(args.load_time or ()),
+            prompt_delay=dict(args.prompt_delay or ()),
+            embed_time=dict(args.embed_time or ()),
+            ram=args.ram,
             tokens_per_second=args.tokens_per_second,
             silent_sse_errors=args.silent_sse_errors,
         )

@@ -12,7 +12,6 @@ from aiohttp import web
 
 from .generation import Generation, Plan
 from .plumbing import Ctx, Reply
-from .scheduler import Residency
 from .wire import (
     SSE,
     _dumpb,
@@ -22,7 +21,7 @@ from .wire import (
 )
 
 
-class ResponsesAPI(Generation, Residency):
+class ResponsesAPI(Generation):
     """Ollama's OpenAI Responses endpoint."""
 
     # ---- OpenAI Responses (/v1/responses) ---------------------------------------------

@@ -19,7 +19,7 @@ from .native import NativeAPI
 from .openai_api import OpenAIAPI
 from .plumbing import Record, _is_logged
 from .responses_api import ResponsesAPI
-from .scheduler import Loaded, Scheduler
+from .scheduler import DEFAULT_MAX_LOADED, Loaded, PerModel, Scheduler, Tally
 from .wire import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_QUEUE,
@@ -50,9 +50,11 @@ class FakeServer(NativeAPI, ManagementAPI, OpenAIAPI, AnthropicAPI, ResponsesAPI
         context_length: int = DEFAULT_CONTEXT,
         parallel: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        max_loaded_models: int | None = None,
-        load_time: float = 0.0,
-        prompt_delay: float = 0.0,
+        max_loaded_models: int | None = DEFAULT_MAX_LOADED,
+        load_time: float | Mapping[str, float] = 0.0,
+        prompt_delay: float | Mapping[str, float] = 0.0,
+        embed_time: float | Mapping[str, float] = 0.0,
+        ram: int | None = None,
         tokens_per_second: float | None = None,
         silent_sse_errors: bool = False,
     ) -> None:
@@ -71,9 +73,13 @@ class FakeServer(NativeAPI, ManagementAPI, OpenAIAPI, AnthropicAPI, ResponsesAPI
             epoch = self.started - 86400.0 * (i + 1)
             info = _make_model(mname, int(size), epoch, archs.get(_key(mname)))
             self.models[info.key] = info
-        self.sched = Scheduler(parallel, max_queue, max_loaded_models)
-        self.load_time = load_time
-        self.prompt_delay = prompt_delay
+        # max_loaded_models None or 0: no limit
+        self.sched = Scheduler(parallel, max_queue, max_loaded_models or None)
+        self.ram = ram
+        self.load_time = PerModel(load_time)
+        self.prompt_delay = PerModel(prompt_delay)
+        self.embed_time = PerModel(embed_time)
+        self.tally = Tally()
         self.silent_sse_errors = silent_sse_errors
         self.loaded: dict[str, Loaded] = {}
         self.blobs: set[str] = set()
