@@ -20,9 +20,15 @@ parameter count). ``num_ctx`` is ``options.num_ctx``, else ``--context-length``;
 different context reloads the model. ``/api/ps`` shows ``size``, ``size_vram`` and
 ``context_length``: a server named ``cpu`` or started with ``--cpu`` reports
 ``size_vram: 0``; with ``--vram`` a load past that memory spills (``size_vram < size``).
-``load_duration`` is ``--load-time`` when the request loaded the model, near zero when it
-was loaded already. ``--max-loaded-models 1`` is a GPU that holds one model: loading
-another evicts it, once its running requests are done. ``--parallel N`` requests run per
+At most ``--max-loaded-models N`` (``--max-loaded``; default 3 as Ollama per GPU, 0 for no
+limit) models are loaded, within the memory budget (``--vram`` on a GPU server, ``--ram``
+on a CPU one): a load that does not fit evicts idle models, least recently used first,
+and waits for busy ones to finish; a CPU load bigger than ``--ram`` alone fails with
+Ollama's out-of-memory error. Loading takes ``--load-time [MODEL=]S`` (repeatable, per
+model), once for concurrent requests; ``load_duration`` shows it when the request loaded
+(or waited for) the model, near zero when it was loaded already. Embeddings load their
+model too and then take ``--embed-time [MODEL=]S``. A model is gone from ``/api/ps``
+``keep_alive`` after its last request ends. ``--parallel N`` requests run per
 model at once, the rest wait inside the server (their order is in the request log's
 ``admitted_seq``/``finished_seq``), and past ``--max-queue`` waiting requests a 503
 "server busy". ``--prompt-delay`` and ``--tokens-per-second`` time each generation.
@@ -32,11 +38,13 @@ other keep_alive it loads (done_reason "load").
     python3 -m tests.fakeollama --port 11434 [--host 127.0.0.1] [--name gpu]
         [--version 0.14.3] [--model NAME[=SIZE_BYTES]]... [--vram BYTES] [--cpu]
         [--model-info NAME=BLOCKS,EMBED,HEADS,KV_HEADS[,CTX]]... [--context-length N]
-        [--parallel N] [--max-queue N] [--max-loaded-models N] [--load-time S]
-        [--prompt-delay S] [--tokens-per-second R] [--silent-sse-errors]
+        [--parallel N] [--max-queue N] [--max-loaded-models N] [--ram BYTES]
+        [--load-time [MODEL=]S]... [--prompt-delay [MODEL=]S]... [--embed-time [MODEL=]S]...
+        [--tokens-per-second R] [--silent-sse-errors]
         [--tokens N] [--token-delay S] [--faults JSON|@FILE] [--ready-file PATH]
         [--exit-with-parent]
 
+``python3 tests/fakeollama ARGS`` (the directory) runs it too, e.g. copied alone elsewhere.
 ``--port 0`` picks a free port; ``--ready-file`` receives the port once listening.
 
 Control endpoints (not Ollama's; never faulted):
@@ -48,7 +56,11 @@ Control endpoints (not Ollama's; never faulted):
     GET    /_fake/faults, POST /_fake/faults  show / REPLACE the fault set
     GET    /_fake/stats                    request counts per path (all endpoints),
                                            running requests, loaded models, requests
-                                           waiting for a slot, running per model
+                                           waiting for a slot, running per model,
+                                           max_loaded, resident [{model, size, size_vram,
+                                           context_length, expires, busy}], loads,
+                                           evictions, unloads, expirations,
+                                           loads_by_model, evictions_by_model
 
 Fault keys (all optional; "model" faults follow Ollama-style names, ``x`` = ``x:latest``):
     oom_models [names]   500 with oom_text (default: model requires more system memory ...)
