@@ -51,7 +51,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-FAKE = ROOT / "tests" / "fakeollama.py"
+FAKE = ROOT / "tests" / "fakeollama"  # a package: python runs its __main__.py
 GIB = 1024**3
 
 CHAT_MODEL, CHAT_SIZE = "llama3.2:3b", 2_019_393_189
@@ -446,9 +446,9 @@ def markdown(out: dict[str, Any], previous: str = "") -> str:
         "XDG dirs, the Unix socket in a temp dir), `log_level = \"warning\"`, backends `gpu` and `cpu` with "
         "default keys" + (f", plus `vram = {GPU_VRAM}` (12 GiB) on `gpu`" if out["vram_key"] else
                           " (no `vram` key: harbord has to find the GPU's memory itself)") + ".",
-        f"- GPU: `tests/fakeollama.py {' '.join(GPU_FLAGS)}` (12 GiB, one model loaded at a time, 1.5 s "
+        f"- GPU: `python -m tests.fakeollama {' '.join(GPU_FLAGS)}` (12 GiB, one model loaded at a time, 1.5 s "
         "loads, 150 ms prompt, 60 tokens/s, one request at a time).",
-        f"- CPU: `tests/fakeollama.py {' '.join(CPU_FLAGS)}` (1 s prompt, 10 tokens/s, two at a time).",
+        f"- CPU: `python -m tests.fakeollama {' '.join(CPU_FLAGS)}` (1 s prompt, 10 tokens/s, two at a time).",
         f"- Both list `{CHAT_MODEL}` ({CHAT_SIZE / 1e9:.1f} GB, model_info {MODEL_INFO[CHAT_MODEL]}) and "
         f"`{AGENT_MODEL}` ({AGENT_SIZE / 1e9:.1f} GB, model_info {MODEL_INFO[AGENT_MODEL]}: blocks, embedding, "
         f"heads, KV heads, context). At {AGENT_CTX:,} tokens the 13B model's f16 KV cache is "

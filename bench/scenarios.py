@@ -237,7 +237,7 @@ class Bench(Stack):
     def scenario_backend_check(self) -> None:
         """The project's tests/fakeollama.py vs bench/backend.py, both direct: is the backend a bottleneck?"""
         ready = self.tmp / "fakeollama.port"
-        proc = self.procs.spawn("fakeollama", [sys.executable, str(ROOT / "tests" / "fakeollama.py"), "--port", "0",
+        proc = self.procs.spawn("fakeollama", [sys.executable, str(ROOT / "tests" / "fakeollama"), "--port", "0",
                                                "--name", "gpu", "--ready-file", str(ready)], self.LOAD_CPU)
         t0 = time.time()
         while not ready.exists() and time.time() - t0 < 15:

@@ -1,4 +1,4 @@
-"""Run tests/fakeollama.py as a real process, for tests.
+"""Run tests/fakeollama (the package) as a real process, for tests.
 
     with FakeOllama.start("gpu") as gpu:
         ollama.Client(host=gpu.url).chat(...)
@@ -32,7 +32,7 @@ import httpx
 
 __all__ = ["FAKEOLLAMA", "FakeOllama", "FakeOllamaError", "free_port"]
 
-FAKEOLLAMA = Path(__file__).resolve().with_name("fakeollama.py")
+FAKEOLLAMA = Path(__file__).resolve().with_name("fakeollama")  # a package, run as a directory
 
 ModelSpec = Mapping[str, int | float | None] | Iterable[str | tuple[str, int | float]]
 

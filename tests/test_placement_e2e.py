@@ -1,7 +1,7 @@
 """Placement end to end (issue 11): harbord and two fake Ollama servers as real processes.
 
 Every test here runs harbord as a real process (tests/harness.py) against
-tests/fakeollama.py processes that behave like Ollama for memory, spills and
+tests/fakeollama processes that behave like Ollama for memory, spills and
 parallel slots (--vram, --model-info, --parallel, --prompt-delay). Real processes
 because what is shown depends on the daemon's own background work (the prober's
 intervals, the /api/show facts cache, the /api/ps read after a load) and on

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "units"
-FAKE = ROOT / "tests" / "fakeollama.py"
+FAKE = ROOT / "tests" / "fakeollama"  # a package: python runs its __main__.py
 CHECKOUT_IN_TMP = any(
     str(path).startswith(("/tmp/", "/var/tmp/")) for path in (ROOT, Path(sys.executable))
 )
