@@ -17,7 +17,7 @@ from types import MappingProxyType
 from harbord.admission import Limiter
 from harbord.config import BackendConfig
 from harbord.gpu_memory import GpuFigures
-from harbord.memory import choose_budget, default_context, spill_budget, update_spills
+from harbord.memory import choose_budget, cpu_budget, default_context, spill_budget, update_spills
 from harbord.queueing import ewma
 from harbord.residency_facts import ResidencyFacts
 from harbord.schemas import (
@@ -25,6 +25,7 @@ from harbord.schemas import (
     ErrorClass,
     Health,
     LoadedModel,
+    MeasuredSize,
     MemoryBudget,
     PsModel,
     UnitStatus,
@@ -67,6 +68,14 @@ class Backend:
         # Model -> the smallest context /api/ps showed it spilled at (GPU backends).
         self.spilled_contexts: dict[str, int] = {}
         self.gpu_figures = GpuFigures()  # what gpu_memory.discover found
+        # A cpu backend's budget without `ram`: this host's /proc/meminfo (set by the
+        # scheduler for a backend on this host) less the desktop's reserve.
+        self.host_meminfo: str | None = None
+        self.ram_reserve: int | None = None
+        # Model -> what /api/ps showed it take here, at its context (issue 17): trusted
+        # over the estimate, read live through the view.
+        self.measured: dict[str, MeasuredSize] = {}
+        self._measured_view = MappingProxyType(self.measured)
         self.budget: MemoryBudget | None = None
         # Set when the backend comes up from down or unknown: Harbor drops affinity
         # pointing away from it, and the prober reads the GPU's memory again.
@@ -107,6 +116,9 @@ class Backend:
                 figures.nvidia_smi,
                 spill_budget(self.loaded),
             )
+        else:
+            ram = self.config.ram
+            self.budget = cpu_budget(int(ram) if ram else None, self.host_meminfo, self.ram_reserve)
         return BackendView(
             name=self.name,
             kind=self.config.kind,
@@ -115,7 +127,7 @@ class Backend:
             models=self.models,
             spilled=spilled,
             memory_limit=self.config.memory_limit if gpu else None,
-            budget=self.budget if gpu else None,
+            budget=self.budget,
             default_context=self.default_context,
             kv_cache_type=self.config.kv_cache_type,
             parallel=self.config.parallel,
@@ -128,6 +140,8 @@ class Backend:
             capacity_source=self.residency.capacity.source,
             load_ms=self.residency.load_view,
             running=self.residency.running_view,
+            flash_attention=self.config.flash_attention,
+            measured=self._measured_view,
         )
 
     @property
@@ -254,6 +268,7 @@ class Backend:
             self.residency.sync(loaded, self.budget)
         if loaded is not None and loaded != self.loaded:
             self.loaded = loaded
+            self._learn_sizes(loaded)
             self._learn_spills(loaded)
             changed = True
         self.inventory_at = time.monotonic()
@@ -279,8 +294,17 @@ class Backend:
         self.residency.sync(loaded, self.budget)
         if loaded != self.loaded:
             self.loaded = loaded
+            self._learn_sizes(loaded)
             self._learn_spills(loaded)
             self.changed()
+
+    def _learn_sizes(self, loaded: list[PsModel]) -> None:
+        """What Ollama allocated for each loaded model, at its context: measurements."""
+        for entry in loaded:
+            if entry.size > 0 and entry.context_length > 0:
+                self.measured[normalize_model(entry.name)] = MeasuredSize(
+                    entry.size, entry.context_length, self.config.parallel
+                )
 
     def _learn_spills(self, loaded: list[PsModel]) -> None:
         if self.config.kind != "gpu":

@@ -137,6 +137,9 @@ async def pass_through(request: web.Request, decision: Decision) -> web.StreamRe
             )
     except PolicyError as err:
         raise Problem(400, str(err)) from None
+    if plan.refused is not None:
+        decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
+        raise Problem(400, plan.refused)
     # An unknown endpoint's answer may take long (an image): wait for it whole unless
     # the body asks for a stream.
     decision.stream = bool(stream)

@@ -20,11 +20,8 @@ from types import MappingProxyType
 
 from harbord.affinity import affinity_expired
 from harbord.config import ModelRule
-from harbord.memory import (
-    ALLOWANCE,
-    KV_BYTES_PER_ELEMENT,
-    kv_elements_per_token,
-)
+from harbord.memory import format_context, format_gb, format_gib
+from harbord.model_size import MeasureSource, size_from_measurement
 from harbord.residency import Usage
 from harbord.rules import RULES, Candidate, Request
 from harbord.schemas import (
@@ -33,6 +30,8 @@ from harbord.schemas import (
     BackendEstimate,
     BackendKind,
     Intent,
+    MeasuredSize,
+    MemoryEstimate,
     ModelFacts,
     Pin,
     PlacementRule,
@@ -74,6 +73,52 @@ def resolve_intent(
 
 
 _NO_FACTS: Mapping[str, ModelFacts] = MappingProxyType({})
+
+# Estimates by their inputs: a model's estimate is the same for every request at the
+# same context on the same backend, and costs a few microseconds to make.
+_Needs = tuple[int, MeasureSource, MemoryEstimate]
+_NEEDS: dict[tuple[object, ...], tuple[ModelFacts | None, _Needs]] = {}
+_NEEDS_KEPT = 4096
+
+
+def memory_needs(
+    facts: ModelFacts | None,
+    size: int,
+    ctx: int,
+    view: BackendView,
+    measured: MeasuredSize | None,
+) -> _Needs:
+    """What the model takes at `ctx` on this backend (model_size.size_from_measurement):
+    bytes, whether measured or estimated, and the estimate's parts. Memoized."""
+    key = (
+        id(facts),
+        size,
+        ctx,
+        view.kind,
+        view.parallel,
+        view.kv_cache_type,
+        view.flash_attention,
+        measured,
+    )
+    hit = _NEEDS.get(key)
+    if hit is not None and hit[0] is facts:
+        return hit[1]
+    needs = size_from_measurement(
+        measured,
+        facts,
+        size,
+        ctx,
+        view.kind,
+        view.parallel,
+        view.kv_cache_type,
+        view.flash_attention,
+    )
+    if len(_NEEDS) >= _NEEDS_KEPT:
+        _NEEDS.clear()
+    _NEEDS[key] = (facts, needs)
+    return needs
+
+
 _NO_USAGE: Mapping[str, Usage] = MappingProxyType({})
 
 
@@ -116,7 +161,6 @@ def plan(
             if view.models is not None:
                 size = max(size, view.models.get(model, 0))
     facts = model_facts.get(model) if model is not None and size else None
-    kv_per_token = kv_elements_per_token(facts) if facts is not None else 0
     max_ctx = facts.context_length if facts is not None else 0
 
     req = Request(
@@ -142,11 +186,16 @@ def plan(
         ctx = request.num_ctx or view.default_context
         if 0 < max_ctx < ctx:
             ctx = max_ctx
-        needs: int | None = None
-        if size:  # memory.estimate, inlined: this loop is on every request's path
-            kv_bytes = KV_BYTES_PER_ELEMENT[view.kv_cache_type]
-            needs = size + int(kv_per_token * ctx * view.parallel * kv_bytes) + ALLOWANCE
-        candidates.append(Candidate(view, index, PlanStep(view.name, []), ctx, needs, []))
+        cand = Candidate(view, index, PlanStep(view.name, []), ctx, None, [])
+        if size:
+            assert model is not None
+            measured = view.measured.get(model)
+            cand.needs, cand.needs_source, cand.estimate = memory_needs(
+                facts, size, ctx, view, measured
+            )
+            if measured is not None and cand.needs_source == "measured":
+                cand.measured_at = measured.num_ctx
+        candidates.append(cand)
 
     for _, one, group in RULES:
         if one is not None:
@@ -157,6 +206,7 @@ def plan(
             for cand, value in zip(candidates, group(req, candidates), strict=True):
                 cand.key.append(value)
     candidates.sort(key=_key)
+    refused = _fits_nowhere(req, candidates)
 
     return Plan(
         model=model,
@@ -169,7 +219,29 @@ def plan(
         pinned=pin_backend,
         num_ctx=request.num_ctx,
         estimates=[_estimate_of(c) for c in candidates],
+        refused=refused,
     )
+
+
+def _fits_nowhere(req: Request, candidates: Sequence[Candidate]) -> str | None:
+    """When the model fits no backend's memory: why, with the numbers, so the request
+    is answered at once and nothing is loaded (`llama3.1:70b at 8k needs 45.1 GB; gpu
+    has 12 GiB, cpu has 28.8 GiB of RAM`). None when it fits one, or one's budget is not
+    known."""
+    if req.model is None or not candidates or any(c.fits is not False for c in candidates):
+        return None
+    first = candidates[0]
+    needs = max(c.needs or 0 for c in candidates)
+    has = ", ".join(
+        f"{c.view.name} has "
+        + (
+            f"{format_gib(c.view.budget.bytes)}{' of RAM' if c.view.kind == 'cpu' else ''}"
+            if c.view.budget is not None
+            else f"a {format_gb(c.view.memory_limit or 0)} limit"
+        )
+        for c in candidates
+    )
+    return f"{req.model} at {format_context(first.ctx)} needs {format_gb(needs)}; {has}"
 
 
 def _key(cand: Candidate) -> list[int]:
@@ -200,18 +272,22 @@ def _forced(
     raise PolicyError(f"unknown backend {request.forced_backend!r}; expected one of: {names}")
 
 
+_RULE_NAMES: tuple[PlacementRule, ...] = tuple(name for name, _, _ in RULES)
+
+
 def _deciding_rule(ranked: Sequence[Candidate], excluded: Sequence[PlanStep]) -> PlacementRule:
     if len(ranked) < 2:
         return "health" if excluded else "order"
-    for (name, _, _), a, b in zip(RULES, ranked[0].key, ranked[1].key, strict=True):
-        if a != b:
-            return name
+    second = ranked[1].key
+    for i, rank in enumerate(ranked[0].key):
+        if rank != second[i]:
+            return _RULE_NAMES[i]
     return "order"
 
 
 def _estimate_of(cand: Candidate) -> BackendEstimate:
     view = cand.view
-    budget = view.budget if view.kind == "gpu" else None
+    budget = view.budget
     return BackendEstimate(
         view.name,
         cand.ctx,
@@ -231,6 +307,28 @@ def _estimate_of(cand: Candidate) -> BackendEstimate:
         cand.expected_ms,
         view.capacity if view.resident is not None else None,
         view.capacity_source if view.resident is not None else None,
+        *_parts(cand),
+    )
+
+
+def _parts(
+    cand: Candidate,
+) -> tuple[
+    int | None, int | None, int | None, int | None, int | None, MeasureSource | None, int | None
+]:
+    """The memory figure's parts for `route`: weights, KV, graph, projector, reserve,
+    whether it was measured, and the context the measurement was made at."""
+    est = cand.estimate
+    if est is None:
+        return None, None, None, None, None, None, None
+    return (
+        est.weights,
+        est.kv,
+        est.graph,
+        est.projector,
+        est.reserve,
+        cand.needs_source,
+        (cand.measured_at),
     )
 
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from harbord import residency
 from harbord.memory import format_context, format_gb, format_gib
+from harbord.model_size import MeasureSource
 from harbord.queueing import expected_finish_ms
 from harbord.schemas import (
     Affinity,
     BackendKind,
     Intent,
+    MemoryEstimate,
     PlacementRule,
     PlanStep,
 )
@@ -65,6 +67,11 @@ class Candidate:
     evicts: Sequence[str] = ()
     eviction_ms: float = 0.0
     expected_ms: float | None = None
+    # The memory figure's parts and whether /api/ps measured it (model_size).
+    needs_source: MeasureSource | None = None
+    estimate: MemoryEstimate | None = None
+    fits: bool | None = None  # against the backend's budget; None: not known
+    measured_at: int | None = None  # the context /api/ps measured the model at
 
     @property
     def reasons(self) -> list[str]:
@@ -106,27 +113,35 @@ def _pinned_here(req: Request, cand: Candidate) -> bool:
 
 
 def memory(req: Request, cand: Candidate) -> int:
-    """A GPU the model would not fit goes after the CPU backends, `fast` included."""
+    """A backend the model would not fit goes after the ones it fits: a GPU after the
+    CPU backends (`fast` included), a CPU whose RAM is too small after the rest."""
     view, model = cand.view, req.model
-    if model is None or view.kind != "gpu" or _pinned_here(req, cand):
+    if model is None or _pinned_here(req, cand):
         return 0
     limit, budget = view.memory_limit, view.budget
-    if req.size and limit and req.size > limit:
+    if view.kind == "gpu" and req.size and limit and req.size > limit:
+        cand.fits = False
         cand.reasons.append(
             f"model size {format_gb(req.size)} exceeds the {format_gb(limit)} limit: "
             "after CPU backends"
         )
         req.notes.append(f"{model} is too large for {view.name}")
         return 1
-    if cand.needs is not None and budget is not None and cand.needs > budget.bytes:
-        context = format_context(cand.ctx)
-        cand.reasons.append(
-            f"needs {format_gb(cand.needs)} at {context} context, {view.name} has "
-            f"{format_gib(budget.bytes)} ({budget.source}): after CPU backends"
-        )
-        req.notes.append(f"{model} at {context} context does not fit {view.name}")
-        return 1
-    return 0
+    if cand.needs is None or budget is None:
+        return 0
+    if cand.needs <= budget.bytes:
+        cand.fits = True
+        return 0
+    cand.fits = False
+    context = format_context(cand.ctx)
+    what = "" if view.kind == "gpu" else " of RAM"
+    after = "after CPU backends" if view.kind == "gpu" else "moved back"
+    cand.reasons.append(
+        f"needs {format_gb(cand.needs)} at {context} context, {view.name} has "
+        f"{format_gib(budget.bytes)}{what} ({budget.source}): {after}"
+    )
+    req.notes.append(f"{model} at {context} context does not fit {view.name}")
+    return 1
 
 
 def spill(req: Request, cand: Candidate) -> int:

@@ -21,6 +21,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -36,6 +37,16 @@ from harbord.upstream import Pools, StatusError, UpstreamError
 from harbord.views import BackendView
 
 log = logging.getLogger(__name__)
+
+MEMINFO = "/proc/meminfo"
+_LOCAL_HOSTS = frozenset(("localhost", "::1", "[::1]"))
+
+
+def on_this_host(url: str) -> bool:
+    """Whether a backend's URL is on this machine (loopback), so its RAM is this host's."""
+    host = urlsplit(url).hostname or ""
+    return host in _LOCAL_HOSTS or host.startswith("127.")
+
 
 _NO_FACTS: Mapping[str, ModelFacts] = {}
 
@@ -107,6 +118,7 @@ class Scheduler:
         self.status_changed: Callable[[], None] = lambda: None
         # The client preloads go through (the request path's pools; set by Harbor).
         self.pools = Pools()
+        self._meminfo_text: str | None = None
         self.build_backends(config)
 
     # -- the backends ------------------------------------------------------------
@@ -125,10 +137,27 @@ class Scheduler:
                 backend.reconfigure(backend_config)
             # The routing table's queue order applies to every backend's limiter.
             backend.limiter.fast_head_start = config.routing.fast_head_start
+            # A CPU backend on this host without `ram` has this host's memory.
+            meminfo = self._meminfo() if on_this_host(backend_config.url) else None
+            configured = config.routing.ram_reserve
+            reserve = int(configured) if configured is not None else None
+            if (backend.host_meminfo, backend.ram_reserve) != (meminfo, reserve):
+                backend.host_meminfo, backend.ram_reserve = meminfo, reserve
+                backend.changed()
             fresh[name] = backend
         self.backends = fresh
         self.state.affinity_ttl = config.routing.affinity_ttl
         return removed
+
+    def _meminfo(self) -> str | None:
+        """This host's /proc/meminfo, read once (the machine's memory does not change)."""
+        if self._meminfo_text is None:
+            try:
+                with open(MEMINFO, encoding="ascii", errors="replace") as file:
+                    self._meminfo_text = file.read(16384)
+            except OSError:
+                self._meminfo_text = ""
+        return self._meminfo_text or None
 
     def _backend_changed(self, backend: Backend) -> None:
         if backend.came_up:

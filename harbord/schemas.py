@@ -97,6 +97,8 @@ class Plan(msgspec.Struct):
     # Which rule put the first step first (see policy.py), for /metrics and `route`.
     rule: PlacementRule = "order"
     pinned: str | None = None  # the backend the model is pinned to, if any
+    # Why the request is refused before any backend is asked: the model fits none.
+    refused: str | None = None
     num_ctx: int | None = None  # the request's options.num_ctx
     estimates: list[BackendEstimate] = []  # per backend, in the order of `steps`
 
@@ -399,3 +401,13 @@ class BackendEstimate(msgspec.Struct, omit_defaults=True):
     expected_ms: float | None = None
     capacity: int | None = None
     capacity_source: CapacitySource | None = None
+    # Memory (issue 17): `needs`' parts, bytes (model_size.estimate_memory), and whether
+    # it is what /api/ps measured (at `measured_at` context, moved to this one) or an
+    # estimate.
+    weights: int | None = None
+    kv: int | None = None
+    graph: int | None = None
+    projector: int | None = None
+    reserve: int | None = None
+    needs_source: Literal["measured", "estimated"] | None = None
+    measured_at: int | None = None

@@ -88,6 +88,11 @@ async def routed(request: web.Request, decision: Decision) -> web.StreamResponse
         )
     except PolicyError as err:
         raise Problem(400, str(err)) from None
+    if plan.refused is not None:
+        # It fits no backend's memory: said at once, and nothing is loaded anywhere. A
+        # 400, not a 5xx: SDKs (Claude Code too) retry a 5xx, and this never gets better.
+        decision.plan, decision.model, decision.intent = plan, plan.model, plan.intent
+        raise Problem(400, plan.refused)
     # Ollama's native chat and generate stream unless told not to; the rest (OpenAI's and
     # Anthropic's APIs) only when asked to.
     stream = facts.stream

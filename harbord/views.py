@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 from harbord.memory import OLLAMA_DEFAULT_CONTEXT
 from harbord.residency import OLLAMA_DEFAULT_MAX_LOADED, Resident
-from harbord.schemas import BackendKind, CapacitySource, Health, KvCacheType, MemoryBudget
+from harbord.schemas import (
+    BackendKind,
+    CapacitySource,
+    Health,
+    KvCacheType,
+    MeasuredSize,
+    MemoryBudget,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +34,8 @@ class BackendView:
     # Model name -> (size, size_vram) for models /api/ps shows partly off the GPU.
     spilled: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     memory_limit: int | None = None  # bytes; GPU backends only
-    # What the GPU can give one model, with the figure's source (memory.choose_budget).
+    # What the backend can give one model, with the figure's source: a GPU's memory
+    # (memory.choose_budget), a CPU's RAM (memory.cpu_budget).
     budget: MemoryBudget | None = None
     default_context: int = OLLAMA_DEFAULT_CONTEXT  # memory.default_context
     kv_cache_type: KvCacheType = "f16"
@@ -46,6 +54,10 @@ class BackendView:
     capacity_source: CapacitySource = "default"
     load_ms: Mapping[str, float] = field(default_factory=dict)
     running: Mapping[str, int] = field(default_factory=dict)  # model -> requests running
+    # Memory (issue 17): the unit's OLLAMA_FLASH_ATTENTION (None: Ollama's default per
+    # model), and what /api/ps showed each model take here (trusted over estimates).
+    flash_attention: bool | None = None
+    measured: Mapping[str, MeasuredSize] = field(default_factory=dict)
 
 
 def normalize_model(name: str) -> str:

@@ -250,22 +250,36 @@ def affine_to(backend: str, since: float = NOW - 10, last: float | None = None) 
 
 PLACEMENT_CASES: list[tuple[str, dict[str, object], list[str], str]] = [
     # name, kwargs of place(), expected order, expected Plan.rule
-    # -- memory: weights + KV cache at the request's context against the GPU's budget
+    # -- memory: weights + KV cache + graph + reserve at the request's context (as Ollama
+    # sizes it, model_size.py) against the GPU's budget
     ("default 4k context fits 8 GiB", {}, ["gpu", "cpu"], "intent"),
-    ("16k fits", {"num_ctx": 16384}, ["gpu", "cpu"], "intent"),
+    ("8k fits", {"num_ctx": 8192}, ["gpu", "cpu"], "intent"),
+    ("16k does not fit", {"num_ctx": 16384}, ["cpu", "gpu"], "memory"),
     ("32k does not fit", {"num_ctx": 32768}, ["cpu", "gpu"], "memory"),
     ("64k does not fit", {"num_ctx": 65536}, ["cpu", "gpu"], "memory"),
     (
-        "q8_0 KV cache halves it: 32k fits",
-        {"num_ctx": 32768, "backends": (replace(GPU8, kv_cache_type="q8_0"), CPU2)},
+        "q8_0 KV cache with flash attention halves it: 16k fits",
+        {
+            "num_ctx": 16384,
+            "backends": (replace(GPU8, kv_cache_type="q8_0", flash_attention=True), CPU2),
+        },
         ["gpu", "cpu"],
         "intent",
     ),
     (
-        "q4_0 KV cache: 64k fits",
-        {"num_ctx": 65536, "backends": (replace(GPU8, kv_cache_type="q4_0"), CPU2)},
-        ["gpu", "cpu"],
-        "intent",
+        "q8_0 without flash attention is f16 (as in Ollama): 16k does not fit",
+        {"num_ctx": 16384, "backends": (replace(GPU8, kv_cache_type="q8_0"), CPU2)},
+        ["cpu", "gpu"],
+        "memory",
+    ),
+    (
+        "q4_0 KV cache: 32k still does not fit (the graph grows with the context)",
+        {
+            "num_ctx": 32768,
+            "backends": (replace(GPU8, kv_cache_type="q4_0", flash_attention=True), CPU2),
+        },
+        ["cpu", "gpu"],
+        "memory",
     ),
     (
         "two parallel slots double the cache: 16k does not fit",
@@ -567,24 +581,27 @@ def step_reasons(result: Plan, backend: str) -> list[str]:
 
 def test_memory_reason_carries_the_numbers() -> None:
     result = place(num_ctx=65536)
-    # 4.9 GB + 8 GiB of KV cache + 0.5 GiB allowance = 14.0 GB
+    # 4.9 GB + 8 GiB of KV cache + 4.4 GiB of graph + 0.84 GiB reserve = 19.1 GB
     assert step_reasons(result, "gpu")[0] == (
-        "needs 14.0 GB at 64k context, gpu has 8 GiB (config): after CPU backends"
+        "needs 19.1 GB at 64k context, gpu has 8 GiB (config): after CPU backends"
     )
     assert result.notes == ["llama3.1:8b at 64k context does not fit gpu"]
     gpu = next(e for e in result.estimates if e.backend == "gpu")
     assert (gpu.num_ctx, gpu.needs, gpu.budget, gpu.budget_source) == (
         65536,
-        4_900_000_000 + 8 * GIB + 512 * 1024**2,
+        19_114_531_208,
         8 * GIB,
         "config",
     )
     cpu = next(e for e in result.estimates if e.backend == "cpu")
     # The cpu's parallel 2 doubles its cache; it has no budget to compare with.
-    assert (cpu.needs, cpu.budget, cpu.parallel) == (
-        4_900_000_000 + 16 * GIB + 512 * 1024**2,
-        None,
-        2,
+    # No reserve on a CPU, but its KV cache and graph for both slots.
+    assert (cpu.needs, cpu.budget, cpu.parallel) == (30_971_795_712, None, 2)
+    assert (cpu.weights, cpu.kv, cpu.reserve, cpu.needs_source) == (
+        4_900_000_000,
+        16 * GIB,
+        0,
+        "estimated",
     )
     assert result.num_ctx == 65536
 

@@ -70,7 +70,30 @@ def render(plan: Plan, indent: str = "") -> str:
         )
         rows = [_estimate(e) for e in plan.estimates]
         lines.append(output.table(header, rows, indent=f"{indent}  "))
+        lines += [f"{indent}  {line}" for e in plan.estimates if (line := memory_parts(e))]
+    if plan.refused:
+        lines.append(output.paint(f"{indent}  refused: {plan.refused}", "red"))
     return "\n".join(lines)
+
+
+def memory_parts(e: BackendEstimate) -> str | None:
+    """`gpu: 17.4 GB weights + 3.3 GB KV + ... = 23.3 GB, estimated` (or measured)."""
+    if e.needs is None or e.weights is None:
+        return None
+    parts = [
+        (e.weights, "weights"),
+        (e.kv, "KV"),
+        (e.graph, "graph"),
+        (e.projector, "projector"),
+        (e.reserve, "reserve"),
+    ]
+    shown = " + ".join(f"{format_gb(size)} {name}" for size, name in parts if size)
+    if e.needs_source == "measured" and e.measured_at:
+        how = f"measured by Ollama at {format_context(e.measured_at)}"
+        if e.measured_at != e.num_ctx:
+            how += f", moved to {format_context(e.num_ctx)} by the estimate"
+        return f"{e.backend}: {format_gb(e.needs)}, {how} (estimate: {shown})"
+    return f"{e.backend}: {shown} = {format_gb(e.needs)}, estimated"
 
 
 def _estimate(e: BackendEstimate) -> tuple[str, ...]:
