@@ -171,9 +171,12 @@ class Backend:
         """`model` answered here just now: it is loaded. Returns whether /api/ps is worth
         reading (the answer loaded it, or it was not known to be here): then what it
         evicted, a spill, and the slots are learned from what /api/ps shows."""
-        if self.residency.answered(model, now, load_ms):
-            return self.answer_loaded(model, now)
-        return False
+        news = self.residency.answered(model, now, load_ms)
+        if load_ms is not None:
+            # A real load (Ollama said so): what it evicted is worth a read every time.
+            self._ps_asked[model] = now
+            return True
+        return news and self.answer_loaded(model, now)
 
     def set_gpu_figures(self, figures: GpuFigures) -> None:
         if figures != self.gpu_figures:

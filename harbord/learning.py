@@ -64,9 +64,14 @@ def learn(outcome: Outcome, cpu_backend: str | None) -> Lessons:
         if outcome.model is None or outcome.path in NOT_A_LOAD:
             return Lessons(healthy=True)
         loaded = outcome.load_ms is not None and outcome.load_ms >= LOAD_SEEN_MS
+        service = outcome.service_ms
+        if service is not None and loaded and outcome.load_ms is not None:
+            # The answer's own time: a load is learned apart, and counted apart by the
+            # policy (only where the model is not loaded).
+            service = max(service - outcome.load_ms, 0.0)
         return Lessons(
             healthy=True,
-            service_ms=outcome.service_ms,
+            service_ms=service,
             load_ms=outcome.load_ms if loaded else None,
             resident=True,
             read_loaded=True,

@@ -74,18 +74,23 @@ class ResidencyFacts:
         self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
 
     def answered(self, model: str, now: float, load_ms: float | None) -> bool:
-        """`model` answered just now: it is loaded. True when that is news (a load, or
-        residency not known yet), and /api/ps is worth reading."""
+        """`model` answered just now: it is loaded. True when that is news (it loaded
+        the model, per Ollama's load_duration or because it was not resident here, or
+        residency is not known yet), and /api/ps is worth reading."""
         resident = self.resident
         if resident is None:
             return True
         entry = resident.get(model)
-        if entry is not None and (entry.expires is None or entry.expires > now):
+        here = entry is not None and (entry.expires is None or entry.expires > now)
+        if here and load_ms is None:
+            assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
-            return load_ms is not None
-        self._load_before = (model, set(resident))
+            return False
+        # A load: what was resident before it, to see in /api/ps what it evicted.
+        self._load_before = (model, set(resident) - {model})
         self.loads[model] = self.loads.get(model, 0) + 1
-        resident[model] = Resident(0, 0, now + DEFAULT_KEEP_ALIVE, now)
+        size, context = (entry.size, entry.context) if entry is not None else (0, 0)
+        resident[model] = Resident(size, context, now + DEFAULT_KEEP_ALIVE, now)
         return True
 
     def set_capacity_sources(self, unit_max_loaded: int | None) -> None:

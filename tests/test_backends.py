@@ -18,7 +18,7 @@ from harbord.admission import Limiter
 from harbord.backends import Backend
 from harbord.config import BackendConfig, ByteSize
 from harbord.gpu_memory import GpuFigures
-from harbord.memory import ALLOWANCE, GIB
+from harbord.memory import GIB
 from harbord.metrics import Metrics
 from harbord.policy import RouteRequest
 from harbord.schemas import Affinity, Decision, GpuMemory, MemoryBudget, Plan, PlanStep, PsModel
@@ -257,7 +257,7 @@ async def test_a_plan_never_waits_for_model_facts_and_later_plans_use_them(
 ) -> None:
     tiny = TinyOllama({MODEL: SIZE})
     stack = await make_stack(
-        {"gpu": 'vram = "8GiB"', "cpu": ""},
+        {"gpu": 'vram = "8GiB"', "cpu": 'ram = "64GiB"'},  # not this host's 24 GiB
         apps={"gpu": tiny.app(), "cpu": TinyOllama({MODEL: SIZE}).app()},
     )
     harbor = stack.harbor
@@ -265,15 +265,18 @@ async def test_a_plan_never_waits_for_model_facts_and_later_plans_use_them(
     # /api/show does not answer yet: the first plan goes without the model's shape.
     first = harbor.plan(RouteRequest(MODEL, num_ctx=65536))
     assert first.backends == ["gpu", "cpu"]
-    assert first.estimates[0].needs == SIZE + ALLOWANCE  # no KV cache without facts
+    # No KV cache or graph without facts: the weights and the GPU's reserve only.
+    first_gpu = first.estimates[0]
+    assert (first_gpu.needs, first_gpu.kv) == (SIZE + (first_gpu.reserve or 0), 0)
     await stack.wait_for(lambda: _true(tiny.paths.count("/api/show") == 1), "the /api/show")
     harbor.plan(RouteRequest(MODEL))  # still on its way: not asked twice
     tiny.show_gate.set()
     await stack.wait_for(lambda: _true(MODEL in facts.facts), "the facts cached")
     later = harbor.plan(RouteRequest(MODEL, num_ctx=65536))
     assert (later.backends, later.rule) == (["cpu", "gpu"], "memory")
-    assert later.estimates[1].needs == SIZE + 8 * GIB + ALLOWANCE
-    assert "needs 14.0 GB at 64k context, gpu has 8 GiB (config)" in later.steps[1].reasons[0]
+    later_gpu = later.estimates[1]
+    assert (later_gpu.weights, later_gpu.kv) == (SIZE, 8 * GIB)
+    assert "at 64k context, gpu has 8 GiB (config)" in later.steps[1].reasons[0]
     assert harbor.plan(RouteRequest(MODEL)).backends == ["gpu", "cpu"]  # 4k fits
     assert tiny.paths.count("/api/show") == 1
     # A new pull of the model (another size) forgets the facts.
