@@ -59,7 +59,8 @@ def main() -> int:
     p.add_argument("--nice", type=int, default=0, help="lower the bench's niceness by N (root; all its "
                    "processes inherit it) to be less disturbed by other load on a shared machine")
     p.add_argument("--only", default="", help="comma list of scenarios: backend,latency,stream,many,startup,"
-                   "policy,profile (default: all), or placement (bench/placement.py, only when named)")
+                   "policy,profile (default: all), or placement / residency (bench/placement.py, "
+                   "bench/residency.py, only when named)")
     p.add_argument("--out", default=None, help="where results go (default docs/; bench/out/ with --only)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs, profiles)")
     p.add_argument("--report-only", action="store_true",
@@ -76,10 +77,14 @@ def main() -> int:
         print(render(rows))
         return 0
     only = [s for s in args.only.split(",") if s]
-    if "placement" in only:  # its own script and report (bench/placement-results.md), not in the full run
-        rc = subprocess.run([sys.executable, str(BENCH / "placement.py"), *(["--quick"] if args.quick else []),
-                             *(["--keep"] if args.keep else [])], cwd=ROOT).returncode
-        only.remove("placement")
+    for script in ("placement", "residency"):  # their own scripts and reports, not in the full run
+        if script not in only:
+            continue
+        cmd = [sys.executable, str(BENCH / f"{script}.py"), *(["--quick"] if args.quick else [])]
+        if script == "placement" and args.keep:
+            cmd.append("--keep")
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        only.remove(script)
         if not only or rc != 0:
             return rc
         args.only = ",".join(only)
