@@ -24,6 +24,7 @@ from harbord.schemas import (
     BackendStatus,
     ErrorClass,
     Health,
+    KvCacheType,
     LoadedModel,
     MeasuredSize,
     MemoryBudget,
@@ -71,6 +72,9 @@ class Backend:
         # A cpu backend's budget without `ram`: this host's /proc/meminfo (set by the
         # scheduler for a backend on this host) less the desktop's reserve.
         self.host_meminfo: str | None = None
+        # What the supervised unit's environment says, where the configuration does not.
+        self.unit_flash_attention: bool | None = None
+        self.unit_kv_cache_type: KvCacheType | None = None
         self.ram_reserve: int | None = None
         # Model -> what /api/ps showed it take here, at its context (issue 17): trusted
         # over the estimate, read live through the view.
@@ -129,7 +133,7 @@ class Backend:
             memory_limit=self.config.memory_limit if gpu else None,
             budget=self.budget,
             default_context=self.default_context,
-            kv_cache_type=self.config.kv_cache_type,
+            kv_cache_type=self.kv_cache_type,
             parallel=self.config.parallel,
             in_flight=self.in_flight,
             queued=self.limiter.queued,
@@ -140,7 +144,11 @@ class Backend:
             capacity_source=self.residency.capacity.source,
             load_ms=self.residency.load_view,
             running=self.residency.running_view,
-            flash_attention=self.config.flash_attention,
+            flash_attention=(
+                self.config.flash_attention
+                if self.config.flash_attention is not None
+                else self.unit_flash_attention
+            ),
             measured=self._measured_view,
         )
 
@@ -177,6 +185,26 @@ class Backend:
             self._ps_asked[model] = now
             return True
         return news and self.answer_loaded(model, now)
+
+    @property
+    def kv_cache_type(self) -> KvCacheType:
+        """The configured OLLAMA_KV_CACHE_TYPE; left at its default, the unit's."""
+        configured = self.config.kv_cache_type
+        if configured == "f16" and self.unit_kv_cache_type is not None:
+            return self.unit_kv_cache_type
+        return configured
+
+    def set_unit_memory_settings(
+        self, flash_attention: bool | None, kv_cache_type: str | None
+    ) -> None:
+        """OLLAMA_FLASH_ATTENTION and OLLAMA_KV_CACHE_TYPE from the unit's environment."""
+        kv: KvCacheType | None = None
+        for known in ("f16", "q8_0", "q4_0"):
+            if kv_cache_type == known:
+                kv = known
+        if (flash_attention, kv) != (self.unit_flash_attention, self.unit_kv_cache_type):
+            self.unit_flash_attention, self.unit_kv_cache_type = flash_attention, kv
+            self.changed()
 
     def set_gpu_figures(self, figures: GpuFigures) -> None:
         if figures != self.gpu_figures:

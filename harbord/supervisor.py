@@ -42,7 +42,14 @@ from harbord.systemctl import (
     parse_show,
     systemctl,
 )
-from harbord.unit_env import SHOW_ENVIRONMENT, env_file_paths, max_loaded, unit_environment
+from harbord.unit_env import (
+    SHOW_ENVIRONMENT,
+    env_file_paths,
+    flash_attention,
+    kv_cache_type,
+    max_loaded,
+    unit_environment,
+)
 from harbord.warming import loaded_models, warm
 
 log = logging.getLogger(__name__)
@@ -200,11 +207,9 @@ class Supervisor:
             )
             return
         props = parse_show(out)
-        backend.residency.set_capacity_sources(
-            max_loaded(
-                unit_environment(props.get("Environment", ""), _read_env_files(env_file_paths(out)))
-            )
-        )
+        env = unit_environment(props.get("Environment", ""), _read_env_files(env_file_paths(out)))
+        backend.residency.set_capacity_sources(max_loaded(env))
+        backend.set_unit_memory_settings(flash_attention(env), kv_cache_type(env))
         old = watch.props
         if (old.get("ActiveState"), old.get("SubState")) != (
             props.get("ActiveState"),

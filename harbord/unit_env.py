@@ -2,7 +2,8 @@
 
 harbord reads the settings that shape placement from the unit it supervises
 rather than asking the user to repeat them: today OLLAMA_MAX_LOADED_MODELS (how
-many models the backend holds at once). `Environment=` assignments come first;
+many models the backend holds at once), OLLAMA_FLASH_ATTENTION and
+OLLAMA_KV_CACHE_TYPE (what its KV cache takes). `Environment=` assignments come first;
 `EnvironmentFile=` files are read after them and win, as systemd applies them.
 """
 
@@ -67,3 +68,19 @@ def max_loaded(env: Mapping[str, str]) -> int | None:
     """OLLAMA_MAX_LOADED_MODELS when set to a positive number (0 means Ollama's default)."""
     value = env.get("OLLAMA_MAX_LOADED_MODELS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def flash_attention(env: Mapping[str, str]) -> bool | None:
+    """OLLAMA_FLASH_ATTENTION as Ollama reads it (strconv.ParseBool); None: not set."""
+    value = env.get("OLLAMA_FLASH_ATTENTION", "").strip().lower()
+    if value in ("1", "t", "true"):
+        return True
+    if value in ("0", "f", "false"):
+        return False
+    return None
+
+
+def kv_cache_type(env: Mapping[str, str]) -> str | None:
+    """OLLAMA_KV_CACHE_TYPE when it names a type harbord sizes; None otherwise."""
+    value = env.get("OLLAMA_KV_CACHE_TYPE", "").strip().lower()
+    return value if value in ("f16", "q8_0", "q4_0") else None
