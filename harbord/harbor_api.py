@@ -157,7 +157,7 @@ async def route(call: Call[None]) -> Plan:
         num_ctx = int(text)
     request = RouteRequest(model=model, intent_header=call.query.get("intent"), num_ctx=num_ctx)
     try:
-        return call.harbor.plan(request)
+        return call.harbor.scheduler.preview(request)  # a question, not a request
     except PolicyError as err:
         raise Problem(400, str(err)) from None
 

@@ -176,17 +176,25 @@ class Scheduler:
     # -- placement ---------------------------------------------------------------
 
     def place(self, request: RouteRequest) -> Plan:
-        plan = self.plan_only(request)
+        """The plan for a request about to be sent: counted as fast use of its model."""
+        plan = self.preview(request)
         model = plan.model
         if model is not None:
             if plan.intent == "fast" and not plan.forced:
                 self.usage.record(model, time.time())
             for backend in self.backends.values():
                 backend.residency.requested(model)
-            if model not in self.facts():
-                # Never waited for: this plan goes without; a later one has the facts.
-                # Asked of the backend the plan goes to first, about to load the model.
-                self.want_facts(model, [self.backends[name] for name in plan.backends])
+        return plan
+
+    def preview(self, request: RouteRequest) -> Plan:
+        """The plan a request would get (`harborctl route`), without counting it as one;
+        the model's shape is fetched for later plans if it is not known."""
+        plan = self.plan_only(request)
+        model = plan.model
+        if model is not None and model not in self.facts():
+            # Never waited for: this plan goes without; a later one has the facts.
+            # Asked of the backend the plan goes to first, about to load the model.
+            self.want_facts(model, [self.backends[name] for name in plan.backends])
         return plan
 
     def plan_only(self, request: RouteRequest) -> Plan:

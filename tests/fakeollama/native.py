@@ -261,6 +261,10 @@ class NativeAPI(Generation):
             "capabilities": info.capabilities,
             "modified_at": info.modified_at,
         }
+        extra = self.show_info.get(info.key)
+        if extra:
+            general = {k: v for k, v in out["model_info"].items() if k.startswith("general.")}
+            out["model_info"] = {**general, **extra}
         ctx.rec.chunks_sent = 1
         return self._json(out)
 

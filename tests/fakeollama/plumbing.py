@@ -131,6 +131,7 @@ class Base:
     context_length: int
     started: float
     models: dict[str, ModelInfo]
+    show_info: dict[str, dict[str, Any]]  # raw /api/show model_info per model (--show-info)
     sched: Scheduler
     ram: int | None
     load_time: PerModel

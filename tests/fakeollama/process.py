@@ -91,6 +91,17 @@ def _parse_model(spec: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"bad size in --model {spec!r}") from None
 
 
+def _parse_show_info(spec: str) -> tuple[str, dict[str, Any]]:
+    name, _, raw = spec.partition("=")
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None
+    if not name or not isinstance(info, dict):
+        raise argparse.ArgumentTypeError(f"bad --show-info {spec!r}")
+    return name, info
+
+
 def _parse_arch(spec: str) -> tuple[str, Arch]:
     name, _, nums = spec.partition("=")
     try:
@@ -149,6 +160,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_parse_arch,
         metavar="NAME=BLOCKS,EMBED,HEADS,KV_HEADS[,CTX]",
         help="a model's architecture (model_info; decides its KV cache per token)",
+    )
+    p.add_argument(
+        "--show-info",
+        action="append",
+        type=_parse_show_info,
+        metavar="NAME=JSON",
+        help="a model's raw /api/show model_info (any architecture's keys), as a JSON object",
     )
     p.add_argument(
         "--context-length",
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             token_delay=args.token_delay,
             faults=faults,
             model_info=dict(args.model_info or ()),
+            show_info=dict(args.show_info or ()),
             context_length=args.context_length,
             parallel=args.parallel,
             max_queue=args.max_queue,

@@ -47,6 +47,7 @@ class FakeServer(NativeAPI, ManagementAPI, OpenAIAPI, AnthropicAPI, ResponsesAPI
         token_delay: float = 0.0,
         faults: Mapping[str, Any] | None = None,
         model_info: Mapping[str, Arch] | None = None,
+        show_info: Mapping[str, Mapping[str, Any]] | None = None,
         context_length: int = DEFAULT_CONTEXT,
         parallel: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
@@ -68,6 +69,9 @@ class FakeServer(NativeAPI, ManagementAPI, OpenAIAPI, AnthropicAPI, ResponsesAPI
         self.started = time.time()
         self.models: dict[str, ModelInfo] = {}
         archs = {_key(k): v for k, v in (model_info or {}).items()}
+        # Raw /api/show model_info per model, for architectures beyond --model-info's
+        # llama-style numbers (a gemma3's sliding window, an embedding model's pooling).
+        self.show_info = {_key(k): dict(v) for k, v in (show_info or {}).items()}
         items = models.items() if isinstance(models, Mapping) else models
         for i, (mname, size) in enumerate(DEFAULT_MODELS if items is None else items):
             epoch = self.started - 86400.0 * (i + 1)
