@@ -74,9 +74,12 @@ class Harbord:
         workdir.mkdir(parents=True, exist_ok=True)
         text = ['log_level = "debug"', 'drain_timeout = "5s"', extra_config, FAST_ROUTING]
         for name, (url, kind) in (backends or {}).items():
+            # A CPU backend's RAM as a workstation's, not this test machine's (on
+            # loopback harbord would take /proc/meminfo, and tests would depend on it).
+            ram = 'ram = "64GiB"\n' if kind == "cpu" else ""
             text.append(
                 f'[backends.{name}]\nurl = "{url}"\nkind = "{kind}"\n'
-                f'unit = "ollama-{name}@test.service"\n'
+                f'unit = "ollama-{name}@test.service"\n{ram}'
             )
         daemon = cls(workdir, "\n".join(text), env)
         daemon.launch(wait)

@@ -85,7 +85,8 @@ def trio_config(rtx3060: FakeOllama, rtx4090: FakeOllama, ram: FakeOllama) -> st
             'unit = "ollama-gpu@rtx3060.service"\nvram = "12GiB"\n',
             f'[backends.rtx4090]\nurl = "{rtx4090.url}"\nkind = "gpu"\n'
             'unit = "ollama-gpu@rtx4090.service"\nvram = "24GiB"\n',
-            f'[backends.ram]\nurl = "{ram.url}"\nkind = "cpu"\nunit = "ollama-cpu@test.service"\n',
+            f'[backends.ram]\nurl = "{ram.url}"\nkind = "cpu"\nunit = "ollama-cpu@test.service"\n'
+            'ram = "64GiB"\n',
         ]
     )
 
@@ -270,7 +271,7 @@ def test_fast_goes_to_a_gpu_heavy_to_the_cpu_and_harborctl_names_all_three(
 
 
 def test_a_context_that_fits_only_the_24_gib_card_goes_there(trio: Trio) -> None:
-    """An 8B llama at 64k: 4.9 GB + 8 GiB of KV cache + the allowance = 14.0 GB, over
+    """An 8B llama at 64k: 4.9 GB + 8 GiB of KV cache + graph and reserve = 19.1 GB, over
     rtx3060's 12 GiB and within rtx4090's 24 GiB. At the default context it fits both
     and goes to the first. A 40 GB model fits neither and goes to the CPU."""
     daemon = trio.daemon
@@ -284,7 +285,7 @@ def test_a_context_that_fits_only_the_24_gib_card_goes_there(trio: Trio) -> None
     assert steps(default) == NAMES and default["rule"] == "order", default
     plan = route(daemon, BIG, num_ctx=65536, intent="fast")
     assert steps(plan) == ["rtx4090", "ram", "rtx3060"], plan
-    assert "needs 14.0 GB at 64k context, rtx3060 has 12 GiB (config)" in reasons(plan, "rtx3060")
+    assert "needs 19.1 GB at 64k context, rtx3060 has 12 GiB (config)" in reasons(plan, "rtx3060")
     estimates = {e["backend"]: e for e in plan["estimates"]}
     assert estimates["rtx4090"]["budget"] == 24 * GIB
     assert estimates["rtx3060"]["budget"] == 12 * GIB
@@ -292,7 +293,7 @@ def test_a_context_that_fits_only_the_24_gib_card_goes_there(trio: Trio) -> None
     shown = harborctl(daemon, "route", BIG, "--num-ctx", "65536")
     assert shown.returncode == 0, shown.stderr
     assert "1. rtx4090" in shown.stdout and "3. rtx3060" in shown.stdout
-    assert "needs 14.0 GB at 64k context, rtx3060 has 12 GiB" in shown.stdout
+    assert "needs 19.1 GB at 64k context, rtx3060 has 12 GiB" in shown.stdout
 
     served = chat(daemon, BIG, options={"num_ctx": 65536})
     assert served.headers["X-Harbor-Backend"] == "rtx4090"
@@ -436,7 +437,6 @@ def test_unload_reaches_every_backend_that_lists_the_model(trio: Trio) -> None:
 # -- busy spill over two GPUs ------------------------------------------------------------
 
 PROMPT_S = 0.6  # a request's time on either card, one at a time each
-
 
 
 def test_a_saturated_first_gpu_spills_to_the_second_idle_gpu(tmp_path: Path) -> None:
