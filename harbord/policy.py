@@ -175,6 +175,7 @@ def plan(
         cpu_slowdown=cpu_slowdown,
         usage=usage,
         notes=[],
+        background=_background(request, intent_source, backends),
     )
     candidates: list[Candidate] = []
     excluded: list[PlanStep] = []
@@ -220,7 +221,18 @@ def plan(
         num_ctx=request.num_ctx,
         estimates=[_estimate_of(c) for c in candidates],
         refused=refused,
+        background=req.background,
     )
+
+
+def _background(request: RouteRequest, intent_source: str, backends: Sequence[BackendView]) -> bool:
+    """Whether a request is background work: no intent said (neither the client nor
+    the model's rule), at a context beyond a GPU backend's default, as coding agents
+    and long-document tools run. It never evicts a model interactive work is using."""
+    num_ctx = request.num_ctx
+    if num_ctx is None or intent_source != "default":
+        return False
+    return any(v.kind == "gpu" and num_ctx > v.default_context for v in backends)
 
 
 def _fits_nowhere(req: Request, candidates: Sequence[Candidate]) -> str | None:

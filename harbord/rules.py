@@ -46,6 +46,9 @@ class Request:
     cpu_slowdown: float
     usage: Mapping[str, residency.Usage]
     notes: list[str]
+    # A request with no intent of its own at a context beyond the GPUs' default (a
+    # coding agent, a long document): background work, never evicting interactive work.
+    background: bool = False
 
 
 @dataclass(slots=True)
@@ -319,6 +322,20 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
     ]
     if first.expected_ms is None or not first.eviction_ms or not contenders:
         return ranks
+    if req.background:
+        # Background work never takes a slot from interactive work: the soonest backend
+        # that evicts nothing interactive, however much slower it is.
+        polite = [c for c in contenders if not c.eviction_ms and c is not first]
+        if not polite:
+            return ranks
+        best = min(polite, key=lambda c: (c.expected_ms or 0.0, c.index))
+        best.reasons.insert(
+            0,
+            f"background work (context over the default): does not evict "
+            f"{', '.join(first.evicts)} from {first.view.name}: first",
+        )
+        req.notes.append(f"{req.model} goes to {best.view.name}: interactive work keeps the GPU")
+        return [1 if c in group and c is not best else 0 for c in every]
     best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
     best_ms = best.expected_ms or 0.0
     if (

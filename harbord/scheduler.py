@@ -180,7 +180,7 @@ class Scheduler:
         plan = self.preview(request)
         model = plan.model
         if model is not None:
-            if plan.intent == "fast" and not plan.forced:
+            if plan.intent == "fast" and not plan.forced and not plan.background:
                 self.usage.record(model, time.time())
             for backend in self.backends.values():
                 backend.residency.requested(model)

@@ -99,6 +99,8 @@ class Plan(msgspec.Struct):
     pinned: str | None = None  # the backend the model is pinned to, if any
     # Why the request is refused before any backend is asked: the model fits none.
     refused: str | None = None
+    # Background work (rules.Request.background): not counted as interactive use.
+    background: bool = False
     num_ctx: int | None = None  # the request's options.num_ctx
     estimates: list[BackendEstimate] = []  # per backend, in the order of `steps`
 

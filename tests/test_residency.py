@@ -301,3 +301,27 @@ def test_parse_expiry_reads_ollamas_nanoseconds_and_offsets() -> None:
     assert parse_expiry("2024-06-04T21:38:31.837530123Z") == pytest.approx(1717537111.83753)
     assert parse_expiry(None) is None
     assert parse_expiry("soon") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "intent", "num_ctx", "usage", "expected"),
+    [
+        ("a 16k agent with no intent never evicts the hot chat model", None, 16384, CHATTING,
+         ["cpu", "gpu"]),
+        ("...however much slower the cpu is", None, 32768, CHATTING, ["cpu", "gpu"]),
+        ("with nobody chatting it takes the gpu", None, 16384, {}, ["gpu", "cpu"]),
+        ("at the default context it is interactive: cost decides (the gpu)", None, None,
+         CHATTING, ["gpu", "cpu"]),
+        ("an explicit fast intent is the client's word: cost decides", "fast", 16384, CHATTING,
+         ["gpu", "cpu"]),
+    ],
+)  # fmt: skip
+def test_background_work_never_evicts_interactive_work(
+    name: str, intent: str | None, num_ctx: int | None, usage: Mapping[str, Usage],
+    expected: list[str],
+) -> None:  # fmt: skip
+    gpu = replace(GPU, service_ms={CHAT: 150.0, CODER: 1200.0})
+    cpu = replace(CPU, service_ms={CODER: 20000.0})
+    result = place(CODER, (gpu, cpu), intent, usage, num_ctx)
+    assert result.backends == expected, result.steps
+    assert result.background == (intent is None and num_ctx is not None)
