@@ -111,6 +111,34 @@ class ResidencyFacts:
             self.capacity = capacity
             self.changed()
 
+    def _learn_slots(
+        self,
+        before: dict[str, Resident],
+        fresh: dict[str, Resident],
+        evicted: list[str],
+        budget: MemoryBudget | None,
+    ) -> None:
+        """How many models the backend holds, from what a load evicted: after a load
+        harbord relayed (learn_capacity), or any eviction seen with models left (loads
+        that race each other on a busy backend); never fewer than /api/ps showed."""
+        limit = budget.bytes if budget is not None else None
+        pending, self._load_before = self._load_before, None
+        learned: int | None = None
+        if pending is not None:
+            model, was = pending
+            forced = _memory_forced(before, was - set(fresh), fresh, limit)
+            learned = learn_capacity(was, fresh, model, forced)
+        racing = learned is None and evicted and fresh
+        if racing and not _memory_forced(before, set(evicted), fresh, limit):
+            learned = len(fresh)
+        current = self.learned_max_loaded
+        if current is not None and len(fresh) > current:
+            learned = len(fresh)  # it holds at least what it shows
+        if learned is not None and learned != current:
+            log.info("%s holds %d model(s) at once (learned from an eviction)", self.name, learned)
+            self.learned_max_loaded = learned
+            self._choose_capacity()
+
     def hot_now(self) -> list[str]:
         """The models kept hot that are still loaded."""
         return sorted(m for m in self.kept_hot if self.resident and m in self.resident)
@@ -130,36 +158,38 @@ class ResidencyFacts:
                 parse_expiry(entry.expires_at),
                 old.last_used if old is not None else now,
             )
-        for name, old in before.items():
-            # Left before its time, having been seen in /api/ps (an answer alone, as
-            # with keep_alive 0, never counts: it may have been unloaded on purpose).
-            if name not in fresh and old.size and old.expires is not None and old.expires > now + 1:
-                self.evictions[name] = self.evictions.get(name, 0) + 1
-                self.evicted_at[name] = now
-                log.info("%s left %s before its time (evicted)", name, self.name)
-        pending, self._load_before = self._load_before, None
-        if pending is not None:
-            model, was = pending
-            # Memory, not a slot, pushed them out when everything would not fit.
-            limit = budget.bytes if budget is not None else None
-            forced = (
-                limit is not None
-                and sum(e.size for e in fresh.values())
-                + sum(before[n].size for n in was - set(fresh) if n in before)
-                > limit
-            )
-            learned = learn_capacity(was, fresh, model, forced)
-            if learned is not None and learned != self.learned_max_loaded:
-                log.info(
-                    "%s holds %d model(s) at once (learned from an eviction)", self.name, learned
-                )
-                self.learned_max_loaded = learned
-                self._choose_capacity()
+        evicted = [
+            name
+            for name, old in before.items()
+            # Left before its time, having been seen in /api/ps (an answer alone, as with
+            # keep_alive 0, never counts: it may have been unloaded on purpose), and not
+            # by the user's own unload.
+            if name not in fresh
+            and old.size
+            and old.expires is not None
+            and old.expires > now + 1
+            and name not in self.unloaded_by_user
+        ]
+        for name in evicted:
+            self.evictions[name] = self.evictions.get(name, 0) + 1
+            self.evicted_at[name] = now
+            log.info("%s left %s before its time (evicted)", name, self.name)
+        self._learn_slots(before, fresh, evicted, budget)
         known = self.resident is not None
         self.resident = fresh
         self.view = MappingProxyType(fresh)
         if not known:
             self.changed()
+
+
+def _memory_forced(
+    before: dict[str, Resident], gone: set[str], fresh: dict[str, Resident], limit: int | None
+) -> bool:
+    """Whether memory, not a slot, pushed models out: everything would not have fit."""
+    if limit is None:
+        return False
+    kept = sum(e.size for e in fresh.values())
+    return kept + sum(before[n].size for n in gone if n in before) > limit
 
 
 def parse_expiry(expires_at: str | None) -> float | None:

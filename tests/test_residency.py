@@ -325,3 +325,18 @@ def test_background_work_never_evicts_interactive_work(
     result = place(CODER, (gpu, cpu), intent, usage, num_ctx)
     assert result.backends == expected, result.steps
     assert result.background == (intent is None and num_ctx is not None)
+
+
+def test_capacity_learned_from_an_eviction_seen_while_loads_race() -> None:
+    """On a busy backend the model a load evicted may itself be gone by the next read:
+    any eviction seen, with models left, says the slots are full at that count."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    later = "2999-01-01T00:00:00Z"
+    facts.sync([_ps(CHAT, later)], None)
+    facts.sync([_ps(CODER, later)], None)  # loaded by another client: no answer relayed
+    assert facts.capacity == residency.Capacity(1, "learned")
+    facts.sync([_ps(CODER, later), _ps(EMBED, later)], None)  # it holds at least two
+    assert facts.capacity == residency.Capacity(2, "learned")
+    facts.user_unloaded(CODER)
+    facts.sync([_ps(EMBED, later)], None)  # the user's own unload is no eviction
+    assert facts.evictions == {CHAT: 1}
