@@ -49,6 +49,7 @@ class ResidencyFacts:
         self.evicted_at: dict[str, float] = {}  # model -> when it left before its time
         self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
         self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
+        self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
 
     def started(self, model: str | None) -> None:
         if model is not None:
@@ -128,9 +129,14 @@ class ResidencyFacts:
             model, was = pending
             forced = _memory_forced(before, was - set(fresh), fresh, limit)
             learned = learn_capacity(was, fresh, model, forced)
-        racing = learned is None and evicted and fresh
-        if racing and not _memory_forced(before, set(evicted), fresh, limit):
+        # A read during a load shows the evicted model gone and the new one not yet
+        # there: the eviction waits for the next read that shows what took its place.
+        self._unsettled.update(evicted)
+        racing = learned is None and self._unsettled and fresh
+        if racing and not _memory_forced(before, self._unsettled, fresh, limit):
             learned = len(fresh)
+        if fresh:
+            self._unsettled.clear()
         current = self.learned_max_loaded
         if current is not None and len(fresh) > current:
             learned = len(fresh)  # it holds at least what it shows

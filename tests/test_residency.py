@@ -340,3 +340,13 @@ def test_capacity_learned_from_an_eviction_seen_while_loads_race() -> None:
     facts.user_unloaded(CODER)
     facts.sync([_ps(EMBED, later)], None)  # the user's own unload is no eviction
     assert facts.evictions == {CHAT: 1}
+
+
+def test_capacity_learned_when_the_read_falls_inside_the_load() -> None:
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    later = "2999-01-01T00:00:00Z"
+    facts.sync([_ps(CHAT, later)], None)
+    facts.sync([], None)  # the chat model evicted, the coder still loading
+    assert facts.capacity == residency.Capacity(3, "default")
+    facts.sync([_ps(CODER, later)], None)
+    assert facts.capacity == residency.Capacity(1, "learned")
