@@ -17,7 +17,13 @@ from datetime import datetime
 from types import MappingProxyType
 
 from harbord.queueing import ewma
-from harbord.residency import Capacity, Resident, choose_capacity, learn_capacity
+from harbord.residency import (
+    Capacity,
+    Resident,
+    choose_capacity,
+    learn_capacity,
+    predicted_evictions,
+)
 from harbord.schemas import MemoryBudget, PsModel
 from harbord.views import normalize_model
 
@@ -91,8 +97,20 @@ class ResidencyFacts:
         self._load_before = (model, set(resident) - {model})
         self.loads[model] = self.loads.get(model, 0) + 1
         size, context = (entry.size, entry.context) if entry is not None else (0, 0)
+        # What it evicted by the slots, as Ollama picks (least recently used, idle), taken
+        # as gone now: the next plan must not count on it before /api/ps is read.
+        for name in predicted_evictions(
+            resident, model, None, self.capacity.models, None, now, self.running
+        ):
+            del resident[name]
+            self._evicted(name, now)
         resident[model] = Resident(size, context, now + DEFAULT_KEEP_ALIVE, now)
         return True
+
+    def _evicted(self, name: str, now: float) -> None:
+        self.evictions[name] = self.evictions.get(name, 0) + 1
+        self.evicted_at[name] = now
+        log.info("%s left %s before its time (evicted)", name, self.name)
 
     def set_capacity_sources(self, unit_max_loaded: int | None) -> None:
         """The unit's OLLAMA_MAX_LOADED_MODELS, as the supervisor read it."""
@@ -177,9 +195,7 @@ class ResidencyFacts:
             and name not in self.unloaded_by_user
         ]
         for name in evicted:
-            self.evictions[name] = self.evictions.get(name, 0) + 1
-            self.evicted_at[name] = now
-            log.info("%s left %s before its time (evicted)", name, self.name)
+            self._evicted(name, now)
         self._learn_slots(before, fresh, evicted, budget)
         known = self.resident is not None
         self.resident = fresh

@@ -350,3 +350,14 @@ def test_capacity_learned_when_the_read_falls_inside_the_load() -> None:
     assert facts.capacity == residency.Capacity(3, "default")
     facts.sync([_ps(CODER, later)], None)
     assert facts.capacity == residency.Capacity(1, "learned")
+
+
+def test_a_load_on_a_full_backend_takes_the_evicted_model_as_gone_at_once() -> None:
+    facts = ResidencyFacts("gpu", 1, lambda: None)  # max_loaded = 1 in the configuration
+    facts.sync([_ps(CHAT, "2999-01-01T00:00:00Z")], None)
+    assert facts.answered(CODER, NOW, 1500.0) is True
+    assert facts.resident is not None and set(facts.resident) == {CODER}
+    assert facts.evictions == {CHAT: 1} and CHAT in facts.evicted_at
+    # /api/ps then confirms it: counted once.
+    facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)
+    assert facts.evictions == {CHAT: 1}
