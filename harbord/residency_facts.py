@@ -58,8 +58,16 @@ class ResidencyFacts:
         self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
 
     def started(self, model: str | None) -> None:
-        if model is not None:
-            self.running[model] = self.running.get(model, 0) + 1
+        """A generation for `model` took a slot here: if the model is not loaded, it is
+        being loaded now, and the next plan must see it (and what it evicts) so."""
+        if model is None:
+            return
+        self.running[model] = self.running.get(model, 0) + 1
+        resident, now = self.resident, time.time()
+        if resident is not None:
+            entry = resident.get(model)
+            if entry is None or (entry.expires is not None and entry.expires <= now):
+                self._begin_load(model, now)
 
     def finished(self, model: str | None) -> None:
         if model is not None:
@@ -93,19 +101,30 @@ class ResidencyFacts:
             assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
             return False
-        # A load: what was resident before it, to see in /api/ps what it evicted.
-        self._load_before = (model, set(resident) - {model})
         self.loads[model] = self.loads.get(model, 0) + 1
-        size, context = (entry.size, entry.context) if entry is not None else (0, 0)
-        # What it evicted by the slots, as Ollama picks (least recently used, idle), taken
-        # as gone now: the next plan must not count on it before /api/ps is read.
+        pending = self._load_before
+        if pending is not None and pending[0] == model and entry is not None:
+            # Begun when the request took its slot (started): the model is there now.
+            resident[model] = Resident(entry.size, entry.context, now + DEFAULT_KEEP_ALIVE, now)
+        else:
+            self._begin_load(model, now)
+        return True
+
+    def _begin_load(self, model: str, now: float) -> None:
+        """`model` is being loaded: what was resident before it (to see in /api/ps what it
+        evicted), and what it evicts by the slots, as Ollama picks (least recently used,
+        idle), taken as gone now, before /api/ps says so."""
+        resident = self.resident
+        assert resident is not None
+        self._load_before = (model, set(resident) - {model})
+        entry = resident.get(model)
         for name in predicted_evictions(
             resident, model, None, self.capacity.models, None, now, self.running
         ):
             del resident[name]
             self._evicted(name, now)
+        size, context = (entry.size, entry.context) if entry is not None else (0, 0)
         resident[model] = Resident(size, context, now + DEFAULT_KEEP_ALIVE, now)
-        return True
 
     def _evicted(self, name: str, now: float) -> None:
         self.evictions[name] = self.evictions.get(name, 0) + 1

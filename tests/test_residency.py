@@ -361,3 +361,15 @@ def test_a_load_on_a_full_backend_takes_the_evicted_model_as_gone_at_once() -> N
     # /api/ps then confirms it: counted once.
     facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)
     assert facts.evictions == {CHAT: 1}
+
+
+def test_a_request_that_takes_a_slot_for_another_model_is_a_load_from_then_on() -> None:
+    facts = ResidencyFacts("gpu", 1, lambda: None)
+    facts.sync([_ps(CHAT, "2999-01-01T00:00:00Z")], None)
+    facts.started(CODER)  # still loading: the next plan already sees it
+    assert facts.resident is not None and set(facts.resident) == {CODER}
+    assert facts.evictions == {CHAT: 1}
+    assert facts.answered(CODER, NOW, 1500.0) is True  # the load, counted once
+    assert facts.loads == {CODER: 1} and facts.evictions == {CHAT: 1}
+    facts.finished(CODER)
+    assert facts.running == {}
