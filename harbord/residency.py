@@ -123,23 +123,23 @@ def predicted_evictions(
     busy: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The models a load of `model` would unload, as Ollama's scheduler picks them:
-    idle ones, least recently used first, until a slot is free and (when the budget
-    is known) the new model fits beside the rest. Busy models are never picked (Ollama
-    waits for them). Expired ones are already gone."""
+    least recently used first, idle ones before busy ones (for a busy one Ollama waits
+    until it is done, then unloads it), until a slot is free and (when the budget is
+    known) the new model fits beside the rest. Expired ones are already gone."""
     live = {
         name: entry
         for name, entry in resident.items()
         if name != model and (entry.expires is None or entry.expires > now)
     }
     running = busy or {}
-    idle = sorted((n for n in live if not running.get(n)), key=lambda n: live[n].last_used)
+    order = sorted(live, key=lambda n: (bool(running.get(n)), live[n].last_used))
     evicted: list[str] = []
     used = sum(entry.size for entry in live.values())
-    while idle and (
+    while order and (
         len(live) - len(evicted) >= capacity
         or (budget is not None and needs is not None and used + needs > budget)
     ):
-        name = idle.pop(0)
+        name = order.pop(0)
         evicted.append(name)
         used -= live[name].size
     return evicted

@@ -122,12 +122,12 @@ CASES = [
         ["cpu", "gpu"],
     ),
     (
-        "a busy hot model is never evicted: nothing predicted, the gpu",
+        "a busy hot model is evicted once it is done: the cpu all the same",
         EMBED,
         (replace(GPU, running={CHAT: 1}, in_flight=0), CPU),
         None,
         CHATTING,
-        ["gpu", "cpu"],
+        ["cpu", "gpu"],
     ),
     (
         "heavy never weighs the gpu against the cpu",
@@ -251,6 +251,9 @@ def test_predicted_evictions_least_recently_used_idle_first() -> None:
     assert residency.predicted_evictions(resident, "d", GB, 2, None, NOW) == ["b", "a"]
     # b is busy: Ollama waits for it and takes the next idle one
     assert residency.predicted_evictions(resident, "d", GB, 3, None, NOW, {"b": 1}) == ["a"]
+    # every one busy: Ollama waits for the least recently used to finish, then unloads it
+    everyone = {"a": 1, "b": 1, "c": 1}
+    assert residency.predicted_evictions(resident, "d", GB, 3, None, NOW, everyone) == ["b"]
     # memory: 3 GB resident + 2 GB needed in a 4 GB budget
     assert residency.predicted_evictions(resident, "d", 2 * GB, 9, 4 * GB, NOW) == ["b"]
     assert residency.predicted_evictions(resident, "a", GB, 3, None, NOW) == []
