@@ -56,6 +56,8 @@ class ResidencyFacts:
         self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
         self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
         self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
+        # Model -> the other models loaded here since its last answer.
+        self._since: dict[str, set[str]] = {}
 
     def started(self, model: str | None) -> None:
         """A generation for `model` took a slot here: if the model is not loaded, it is
@@ -100,8 +102,22 @@ class ResidencyFacts:
         if here and load_ms is None:
             assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
+            self._since[model] = set()  # used just now: what loads after it counts anew
             return False
         self.loads[model] = self.loads.get(model, 0) + 1
+        if here and entry is not None and entry.size and load_ms is not None:
+            # Shown loaded, not expired, and loaded again: something evicted it since its
+            # last answer, between two reads of /api/ps (loads that follow each other
+            # fast). With least-recently-used eviction, the models loaded since are at
+            # least as many as the slots.
+            self._evicted(model, now)
+            others = self._since.get(model, set())
+            if others:
+                self._learn(len(others))
+        for name, since in self._since.items():
+            if name != model:
+                since.add(model)
+        self._since[model] = set()
         pending = self._load_before
         if pending is not None and pending[0] == model and entry is not None:
             # Begun when the request took its slot (started): the model is there now.
@@ -177,7 +193,11 @@ class ResidencyFacts:
         current = self.learned_max_loaded
         if current is not None and len(fresh) > current:
             learned = len(fresh)  # it holds at least what it shows
-        if learned is not None and learned != current:
+        if learned is not None:
+            self._learn(learned)
+
+    def _learn(self, learned: int) -> None:
+        if learned != self.learned_max_loaded:
             log.info("%s holds %d model(s) at once (learned from an eviction)", self.name, learned)
             self.learned_max_loaded = learned
             self._choose_capacity()
@@ -216,6 +236,8 @@ class ResidencyFacts:
         for name in evicted:
             self._evicted(name, now)
         self._learn_slots(before, fresh, evicted, budget)
+        for name in fresh:
+            self._since.setdefault(name, set())
         known = self.resident is not None
         self.resident = fresh
         self.view = MappingProxyType(fresh)

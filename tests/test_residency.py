@@ -376,3 +376,18 @@ def test_a_request_that_takes_a_slot_for_another_model_is_a_load_from_then_on() 
     assert facts.loads == {CODER: 1} and facts.evictions == {CHAT: 1}
     facts.finished(CODER)
     assert facts.running == {}
+
+
+def test_a_model_loaded_again_before_its_time_shows_an_eviction_no_read_saw() -> None:
+    """Loads that follow each other fast may each fall between two /api/ps reads: the
+    chat model loading again while harbord had it loaded says something evicted it."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    facts.sync([_ps(CHAT, "2999-01-01T00:00:00Z")], None)
+    assert facts.answered(CHAT, NOW, None) is False  # loaded: no news
+    facts.started(CODER)
+    facts.answered(CODER, NOW + 1, 1500.0)
+    facts.finished(CODER)
+    facts.started(CHAT)
+    assert facts.answered(CHAT, NOW + 3, 1500.0) is True  # loaded again: evicted meanwhile
+    assert facts.evictions == {CHAT: 1}
+    assert facts.capacity == residency.Capacity(1, "learned")
