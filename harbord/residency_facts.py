@@ -56,7 +56,8 @@ class ResidencyFacts:
         self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
         self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
         self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
-        # Model -> the other models loaded here since its last answer.
+        # Model -> when it last answered here, and the other models loaded since.
+        self._last_answer: dict[str, float] = {}
         self._since: dict[str, set[str]] = {}
 
     def started(self, model: str | None) -> None:
@@ -102,22 +103,27 @@ class ResidencyFacts:
         if here and load_ms is None:
             assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
-            self._since[model] = set()  # used just now: what loads after it counts anew
+            self._answered_now(model, now)
             return False
         self.loads[model] = self.loads.get(model, 0) + 1
-        if here and entry is not None and entry.size and load_ms is not None:
-            # Shown loaded, not expired, and loaded again: something evicted it since its
-            # last answer, between two reads of /api/ps (loads that follow each other
-            # fast). With least-recently-used eviction, the models loaded since are at
-            # least as many as the slots.
-            self._evicted(model, now)
+        last = self._last_answer.get(model)
+        if (
+            load_ms is not None
+            and last is not None
+            and now - last < DEFAULT_KEEP_ALIVE
+            and model not in self.unloaded_by_user
+        ):
+            # Answered here within its keep-alive, and loaded again: something evicted it
+            # since, maybe between two reads of /api/ps (loads that follow each other
+            # fast). With least-recently-used eviction, the models loaded here since its
+            # last answer are at least as many as the slots.
+            if self.evicted_at.get(model, 0.0) < last:
+                self._evicted(model, now)
             others = self._since.get(model, set())
             if others:
                 self._learn(len(others))
-        for name, since in self._since.items():
-            if name != model:
-                since.add(model)
-        self._since[model] = set()
+        self._loaded_now(model)
+        self._answered_now(model, now)
         pending = self._load_before
         if pending is not None and pending[0] == model and entry is not None:
             # Begun when the request took its slot (started): the model is there now.
@@ -125,6 +131,17 @@ class ResidencyFacts:
         else:
             self._begin_load(model, now)
         return True
+
+    def _answered_now(self, model: str, now: float) -> None:
+        """Its last use: what loads here after it counts anew (a load adds itself to
+        every other model's list)."""
+        self._last_answer[model] = now
+        self._since[model] = set()
+
+    def _loaded_now(self, model: str) -> None:
+        for name, since in self._since.items():
+            if name != model:
+                since.add(model)
 
     def _begin_load(self, model: str, now: float) -> None:
         """`model` is being loaded: what was resident before it (to see in /api/ps what it
@@ -236,8 +253,6 @@ class ResidencyFacts:
         for name in evicted:
             self._evicted(name, now)
         self._learn_slots(before, fresh, evicted, budget)
-        for name in fresh:
-            self._since.setdefault(name, set())
         known = self.resident is not None
         self.resident = fresh
         self.view = MappingProxyType(fresh)
