@@ -120,8 +120,9 @@ class ResidencyFacts:
             if self.evicted_at.get(model, 0.0) < last:
                 self._evicted(model, now)
             others = self._since.get(model, set())
-            if others:
-                self._learn(len(others))
+            if others:  # an upper bound: keep the smallest seen
+                current = self.learned_max_loaded
+                self._learn(min(len(others), current) if current else len(others))
         self._loaded_now(model)
         self._answered_now(model, now)
         pending = self._load_before
@@ -191,7 +192,7 @@ class ResidencyFacts:
     ) -> None:
         """How many models the backend holds, from what a load evicted: after a load
         harbord relayed (learn_capacity), or any eviction seen with models left (loads
-        that race each other on a busy backend); never fewer than /api/ps showed."""
+        that race each other on a busy backend)."""
         limit = budget.bytes if budget is not None else None
         pending, self._load_before = self._load_before, None
         learned: int | None = None
@@ -207,9 +208,6 @@ class ResidencyFacts:
             learned = len(fresh)
         if fresh:
             self._unsettled.clear()
-        current = self.learned_max_loaded
-        if current is not None and len(fresh) > current:
-            learned = len(fresh)  # it holds at least what it shows
         if learned is not None:
             self._learn(learned)
 
