@@ -392,3 +392,11 @@ def test_a_model_loaded_again_before_its_time_shows_an_eviction_no_read_saw() ->
     assert facts.capacity == residency.Capacity(1, "learned")
     # ...and with one slot, that load evicted the coder in turn.
     assert facts.evictions == {CHAT: 1, CODER: 1}
+
+
+def test_a_model_loading_for_a_running_request_stays_resident_through_a_read() -> None:
+    facts = ResidencyFacts("gpu", 1, lambda: None)
+    facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)
+    facts.started(CHAT)  # loading: the coder goes
+    facts.sync([], None)  # the read falls inside the load
+    assert facts.resident is not None and set(facts.resident) == {CHAT}
