@@ -236,11 +236,11 @@ class ResidencyFacts:
                 parse_expiry(entry.expires_at),
                 old.last_used if old is not None else now,
             )
-        for name, entry in before.items():
+        for name, kept in before.items():
             if name not in fresh and self.running.get(name):
                 # Generating, or loading for a request that holds a slot: a read that
                 # falls inside the load does not show it yet, and it is there.
-                fresh[name] = entry
+                fresh[name] = kept
         evicted = [
             name
             for name, old in before.items()
