@@ -6,6 +6,7 @@ that carry resident models, capacity, learned load times and fast usage.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -400,3 +401,14 @@ def test_a_model_loading_for_a_running_request_stays_resident_through_a_read() -
     facts.started(CHAT)  # loading: the coder goes
     facts.sync([], None)  # the read falls inside the load
     assert facts.resident is not None and set(facts.resident) == {CHAT}
+
+
+def test_an_answer_from_a_model_a_waiting_load_evicts_does_not_bring_it_back() -> None:
+    facts = ResidencyFacts("gpu", 1, lambda: None)
+    facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)
+    facts.started(CODER)  # an agent's request on the loaded coder
+    facts.started(CHAT)  # the chat waits behind it, and will evict the coder
+    assert facts.resident is not None and set(facts.resident) == {CHAT}
+    facts.finished(CODER)
+    assert facts.answered(CODER, time.time() + 1, None) is False  # no load: still {chat}
+    assert set(facts.resident) == {CHAT}
