@@ -305,7 +305,9 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
     if first.view.resident is None:
         return ranks
     _residency_figures(req, first, every)
-    if first.resident or not first.eviction_ms:
+    if req.background and first.resident:
+        _crowded(req, first)
+    if not first.eviction_ms:
         # The common cases, and cheap: the model is where it should run, or its load
         # there evicts nothing interactive (paid once, it moves nothing).
         _say_residency(req, (first,))
@@ -351,6 +353,28 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
     )
     req.notes.append(f"{req.model} goes to {best.view.name}: sooner with loads counted")
     return [1 if c in group and c is not best else 0 for c in every]
+
+
+def _crowded(req: Request, cand: Candidate) -> None:
+    """Background work on a backend that holds more models than it has slots (one is
+    loading for another request): staying there keeps swapping them, so it counts as
+    evicting the interactive ones among them."""
+    view, model = cand.view, req.model
+    resident = view.resident
+    if resident is None or len(resident) <= view.capacity:
+        return
+    hot = [
+        name
+        for name in resident
+        if name != model and residency.is_hot(req.usage.get(name), req.now)
+    ]
+    if hot:
+        reload = {
+            name: residency.load_ms(view.load_ms, name, resident[name].size, view.kind)[0]
+            for name in hot
+        }
+        cand.evicts = hot
+        cand.eviction_ms, _ = residency.eviction_cost_ms(hot, req.usage, reload, req.now)
 
 
 def _say_residency(req: Request, every: Sequence[Candidate]) -> None:

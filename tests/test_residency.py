@@ -412,3 +412,22 @@ def test_an_answer_from_a_model_a_waiting_load_evicts_does_not_bring_it_back() -
     facts.finished(CODER)
     assert facts.answered(CODER, time.time() + 1, None) is False  # no load: still {chat}
     assert set(facts.resident) == {CHAT}
+
+
+def test_background_work_leaves_a_crowded_gpu_to_the_interactive_model() -> None:
+    """The agent's model is still loaded, but the chat model is loading beside it on a
+    one-model GPU (another request's): staying would swap them on every request."""
+    crowded = replace(
+        GPU,
+        resident={
+            CHAT: Resident(int(5.5 * GB), 4096, NOW + 1800, NOW - 1),
+            CODER: Resident(int(5.5 * GB), 16384, NOW + 1800, NOW - 2),
+        },
+        service_ms={CHAT: 150.0, CODER: 1200.0},
+    )
+    result = place(CODER, (crowded, replace(CPU, service_ms={CODER: 9000.0})), None,
+                   CHATTING, 16384)  # fmt: skip
+    assert result.backends == ["cpu", "gpu"], result.steps
+    assert result.rule == "residency"
+    # Interactive work at the default context is not background: it stays.
+    assert place(CHAT, (crowded, CPU), None, CHATTING).backends == ["gpu", "cpu"]
