@@ -125,10 +125,13 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return ""
 
 
-async def start_fake(procs: Procs, name: str, flags: list[str]) -> int:
+async def start_fake(procs: Procs, name: str, flags: list[str], sizes: dict[str, int] | None = None,
+                     model_info: dict[str, str] | None = None) -> int:
+    """A tests/fakeollama process with these models (default: this scenario's), its port."""
     ready = procs.tmp / f"{name}.port"
-    models = [f"--model={CHAT_MODEL}={CHAT_SIZE}", f"--model={AGENT_MODEL}={AGENT_SIZE}"]
-    info = [f"--model-info={m}={v}" for m, v in MODEL_INFO.items()]
+    sizes = sizes or {CHAT_MODEL: CHAT_SIZE, AGENT_MODEL: AGENT_SIZE}
+    models = [f"--model={m}={s}" for m, s in sizes.items()]
+    info = [f"--model-info={m}={v}" for m, v in (model_info or MODEL_INFO).items()]
     proc = procs.spawn(name, [sys.executable, str(FAKE), "--port", "0", "--name", name, "--ready-file", str(ready),
                               "--exit-with-parent", *models, *info, *flags])
     for _ in range(300):

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from placement import FAKE, GIB, ROOT, Procs, ensure_deps, log_tail, pct, start_harbord
+from placement import GIB, ROOT, Procs, ensure_deps, pct, start_harbord
+from placement import start_fake as placement_fake
 
 CHAT, EMBED, TASK, CODER = "llama3.1:8b", "nomic-embed-text:latest", "llama3.2:1b", "qwen2.5-coder:7b"
 MODELS = {CHAT: 4_920_753_328, EMBED: 274_302_450, TASK: 1_321_098_329, CODER: 4_683_087_332}
@@ -64,18 +65,7 @@ def log(msg: str) -> None:
 
 
 async def start_fake(procs: Procs, name: str, flags: list[str]) -> int:
-    ready = procs.tmp / f"{name}.port"
-    models = [f"--model={m}={s}" for m, s in MODELS.items()]
-    info = [f"--model-info={m}={v}" for m, v in MODEL_INFO.items()]
-    proc = procs.spawn(name, [sys.executable, str(FAKE), "--port", "0", "--name", name, "--ready-file", str(ready),
-                              "--exit-with-parent", *models, *info, *flags])
-    for _ in range(300):
-        if ready.exists() and ready.read_text().strip():
-            return int(ready.read_text())
-        if proc.poll() is not None:
-            break
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"fake {name} did not start:\n{log_tail(procs.tmp / f'{name}.log')}")
+    return await placement_fake(procs, name, flags, MODELS, MODEL_INFO)
 
 
 @dataclass
