@@ -56,6 +56,8 @@ class ResidencyFacts:
         self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
         self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
         self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
+        # Taken as loading when their request got a slot; not yet seen answering or in /api/ps.
+        self._loading: set[str] = set()
         # Model -> when it last answered here, and the other models loaded since.
         self._last_answer: dict[str, float] = {}
         self._since: dict[str, set[str]] = {}
@@ -71,6 +73,7 @@ class ResidencyFacts:
             entry = resident.get(model)
             if entry is None or (entry.expires is not None and entry.expires <= now):
                 self._begin_load(model, now)
+                self._loading.add(model)
 
     def finished(self, model: str | None) -> None:
         if model is not None:
@@ -100,7 +103,7 @@ class ResidencyFacts:
             return True
         entry = resident.get(model)
         here = entry is not None and (entry.expires is None or entry.expires > now)
-        if here and load_ms is None:
+        if here and load_ms is None and model not in self._loading:
             assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
             self._answered_now(model, now)
@@ -114,6 +117,7 @@ class ResidencyFacts:
             # request's, waiting for this one) evicts it: not loaded again by answering.
             self._answered_now(model, now)
             return False
+        self._loading.discard(model)
         self.loads[model] = self.loads.get(model, 0) + 1
         last = self._last_answer.get(model)
         if (
@@ -238,6 +242,7 @@ class ResidencyFacts:
         fresh: dict[str, Resident] = {}
         for entry in loaded:
             name = normalize_model(entry.name)
+            self._loading.discard(name)  # seen loaded: its next answer is no news
             old = before.get(name)
             fresh[name] = Resident(
                 entry.size,

@@ -200,8 +200,9 @@ class FakeHarbor(SimpleNamespace):
             restart_backend=None,
             planned=[],
         )
+        self.scheduler = SimpleNamespace(preview=self.preview)
 
-    def plan(self, request: Any) -> Plan:
+    def preview(self, request: Any) -> Plan:
         self.planned.append(request)
         return PLAN
 

@@ -367,6 +367,21 @@ def test_a_load_on_a_full_backend_takes_the_evicted_model_as_gone_at_once() -> N
     assert facts.evictions == {CHAT: 1}
 
 
+def test_a_load_begun_at_the_slot_is_news_when_it_answers_even_without_a_load_duration() -> None:
+    """A load too quick for load_duration to count (or an answer that does not say it):
+    /api/ps is still worth reading then, since that is where a spill shows."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    facts.sync([], None)
+    facts.started(CHAT)
+    assert facts.answered(CHAT, NOW, None) is True
+    assert facts.loads == {CHAT: 1}
+    assert facts.answered(CHAT, NOW + 1, None) is False  # the second answer: no load
+    facts.started(CODER)
+    facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)  # /api/ps saw it first
+    assert facts.answered(CODER, NOW + 2, None) is False
+    assert facts.loads == {CHAT: 1}
+
+
 def test_a_request_that_takes_a_slot_for_another_model_is_a_load_from_then_on() -> None:
     facts = ResidencyFacts("gpu", 1, lambda: None)
     facts.sync([_ps(CHAT, "2999-01-01T00:00:00Z")], None)
