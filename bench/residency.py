@@ -117,11 +117,16 @@ class Client:
                           "" if resp.status == 200 else str(resp.status))
 
 
-async def fake_loads(session: Any, ports: list[int]) -> int:
+async def fake_loads(ports: list[int]) -> int:
+    """Loads the fakes counted, asked over TCP (a session on harbord's socket would send
+    every URL to harbord, which passes /_fake/stats to the GPU)."""
+    import aiohttp
+
     total = 0
-    for port in ports:
-        async with session.get(f"http://127.0.0.1:{port}/_fake/stats") as resp:
-            total += int((await resp.json()).get("loads", 0))
+    async with aiohttp.ClientSession() as session:
+        for port in ports:
+            async with session.get(f"http://127.0.0.1:{port}/_fake/stats") as resp:
+                total += int((await resp.json()).get("loads", 0))
     return total
 
 
@@ -143,7 +148,7 @@ async def scenario(procs: Procs, name: str, route: str, duration: float, seed: i
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         client = Client(session, base)
         run.samples.append(await client.chat(CHAT, "warm up"))  # the chat model is warm, as a user's is
-        before = await fake_loads(session, ports)
+        before = await fake_loads(ports)
         t_close = time.monotonic() + duration
         n = 0
 
@@ -174,7 +179,7 @@ async def scenario(procs: Procs, name: str, route: str, duration: float, seed: i
             await asyncio.sleep(max(0.0, t + rng.uniform(*gap) - time.monotonic()))
         if agent_task is not None:
             await agent_task
-        run.loads = await fake_loads(session, ports) - before
+        run.loads = await fake_loads(ports) - before
     procs.stop_all()
     run.requests = len(run.samples) - 1  # not the warm-up
     return run

@@ -108,15 +108,16 @@ class ResidencyFacts:
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
             self._answered_now(model, now)
             return False
-        if (
-            not here
-            and load_ms is None
-            and self.evicted_at.get(model, -1.0) > self._last_answer.get(model, 0.0)
-        ):
+        if not here and self.evicted_at.get(model, -1.0) > self._last_answer.get(model, 0.0):
             # It was loaded for this answer, and a load that began meanwhile (another
             # request's, waiting for this one) evicts it: not loaded again by answering.
+            # (Asked for again after that, it would be resident again: `started`.)
+            self._loading.discard(model)
             self._answered_now(model, now)
-            return False
+            if load_ms is None:
+                return False
+            self.loads[model] = self.loads.get(model, 0) + 1
+            return True
         self._loading.discard(model)
         self.loads[model] = self.loads.get(model, 0) + 1
         last = self._last_answer.get(model)

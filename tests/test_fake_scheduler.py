@@ -173,3 +173,23 @@ def test_busy_model_is_not_evicted_until_it_finishes() -> None:
         first, second = sorted(fake.requests(path="/api/generate"), key=lambda r: r["id"])
         assert second["admitted_seq"] > first["finished_seq"]
         assert resident(c) == [CODER]
+
+
+def test_load_duration_counts_the_wait_for_a_busy_model_to_be_evicted() -> None:
+    """As Ollama's: from the request's arrival until its runner is ready (the scheduler's
+    wait included), so the answer's own time is total_duration less load_duration."""
+    args = ["--max-loaded-models", "1", "--load-time", "0.05", "--prompt-delay", "0.4"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        c = ollama.Client(host=fake.url, timeout=10)
+        c.generate(model=CHAT, prompt="warm")
+        slow = threading.Thread(target=lambda: c.generate(model=CHAT, prompt="hi"))
+        slow.start()
+        wait_until(lambda: fake.stats()["active"].get(CHAT))
+        waited = c.embed(model=EMBED, input="hello")  # waits ~0.4 s for CHAT, then loads
+        slow.join(10)
+        assert (waited.load_duration or 0) >= 300_000_000
+        busy_again = threading.Thread(target=lambda: c.embed(model=EMBED, input="x"))
+        busy_again.start()
+        again = c.embed(model=EMBED, input="hello")  # loaded: no load, whatever the wait
+        busy_again.join(10)
+        assert (again.load_duration or 0) < 50_000_000

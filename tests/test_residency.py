@@ -429,6 +429,19 @@ def test_an_answer_from_a_model_a_waiting_load_evicts_does_not_bring_it_back() -
     assert set(facts.resident) == {CHAT}
 
 
+def test_an_answer_that_loaded_a_model_a_waiting_load_evicts_does_not_bring_it_back() -> None:
+    """The agent's request loaded the coder (load_duration says so) while the chat's,
+    taken since, waits to evict it: the load is counted, and the GPU is still {chat}."""
+    facts = ResidencyFacts("gpu", 1, lambda: None)
+    facts.sync([], None)
+    facts.started(CODER)  # loading the coder
+    facts.started(CHAT)  # the chat waits behind it, and will evict the coder
+    facts.finished(CODER)
+    assert facts.answered(CODER, time.time() + 1, 2000.0) is True  # a load: read /api/ps
+    assert facts.resident is not None and set(facts.resident) == {CHAT}
+    assert facts.loads == {CODER: 1}
+
+
 def test_background_work_leaves_a_crowded_gpu_to_the_interactive_model() -> None:
     """The agent's model is still loaded, but the chat model is loading beside it on a
     one-model GPU (another request's): staying would swap them on every request."""

@@ -264,17 +264,23 @@ class Residency(Base):
     ) -> int:
         """Queue for a slot, scheduler faults, then load (or reuse) the model.
 
-        Returns the load time in ns: the model's ``load_time`` (plus any ``load_delay``
-        fault, plus any wait for another request's load of it) when it was not loaded,
-        near zero when it was.
+        Returns the load time in ns as Ollama's ``load_duration`` counts it (from the
+        request's arrival until its runner is ready, server/routes.go): for a model that
+        was not loaded, the wait for busy models to be evicted, any wait for another
+        request's load of it, the model's ``load_time`` and any ``load_delay`` fault;
+        near zero for a loaded one (its wait for a parallel slot is the runner's, after).
         """
         f = self.faults
         applies = f.applies(model)
         if f.busy and applies:
             raise Reply(self._err(ctx, 503, BUSY_TEXT))
         want = self._want(info, body)
+        arrived = time.perf_counter_ns()
+        self._prune()
+        current = self.loaded.get(info.key)
+        loaded = current is not None and current.ready.is_set() and self._matches(current, want)
         await self._admit(ctx, info, want)
-        t = time.perf_counter_ns()
+        t = time.perf_counter_ns() if loaded else arrived
         if f.load_delay > 0.0 and applies:
             await _sleep_at_least(f.load_delay)
         f = self.faults
