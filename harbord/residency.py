@@ -35,10 +35,10 @@ NOMINAL_SERVICE_MS = 1000.0
 USAGE_WINDOW = 300.0
 NEXT_REQUEST_HORIZON = 60.0
 
-# A backend that is not the intent's first choice goes first on expected time only
-# when it is clearly better: at most this share of the first choice's time, and at
-# least RESIDENCY_MIN_GAIN_MS sooner (no flapping over a few milliseconds).
-RESIDENCY_MARGIN = 0.7
+# A backend that is not the intent's first choice goes first on expected time only when
+# the first choice would evict interactive work, and only when it is at least this much
+# sooner (no flapping over a few milliseconds). Then the two are compared in full: the
+# reloads imposed on others are as real as the request's own time.
 RESIDENCY_MIN_GAIN_MS = 100.0
 
 
@@ -66,6 +66,7 @@ class Usage:
 
     recent: int  # fast requests in the last USAGE_WINDOW seconds
     last: float  # epoch seconds of the latest
+    first: float | None = None  # epoch seconds of the earliest in the window; None: not said
 
 
 def choose_capacity(configured: int | None, unit_env: int | None, learned: int | None) -> Capacity:
@@ -147,11 +148,29 @@ def predicted_evictions(
 
 def next_request_chance(usage: Usage | None, now: float) -> float:
     """How likely a model's next `fast` request comes within NEXT_REQUEST_HORIZON:
-    requests as a Poisson process at the rate seen over USAGE_WINDOW."""
+    requests as a Poisson process at the rate seen since the earliest of them in the
+    window (a chat begun a minute ago is not spread over five), over at least the
+    horizon (one request is no rate)."""
     if usage is None or usage.recent <= 0 or now - usage.last > USAGE_WINDOW:
         return 0.0
-    rate = usage.recent / USAGE_WINDOW
+    span = USAGE_WINDOW if usage.first is None else now - usage.first
+    rate = usage.recent / min(max(span, NEXT_REQUEST_HORIZON), USAGE_WINDOW)
     return 1.0 - math.exp(-rate * NEXT_REQUEST_HORIZON)
+
+
+def amortized_load_ms(load: float, usage: Usage | None, now: float) -> float:
+    """A load that evicts nothing interactive stays: its time is paid once, shared by
+    the requests the model gets while loaded, counted as many as it had lately (this
+    one too). A load that evicts interactive work is paid again each time: not this."""
+    recent = usage.recent if usage is not None and now - usage.last <= USAGE_WINDOW else 0
+    return load / (1 + recent)
+
+
+def demand_ms(usage: Usage | None, service_ms: float, now: float, counting: int = 0) -> float:
+    """How much of a backend's time a model's `fast` requests took lately: their number
+    in the window (plus `counting` not yet recorded) times the time each takes there."""
+    recent = usage.recent if usage is not None and now - usage.last <= USAGE_WINDOW else 0
+    return (recent + counting) * service_ms
 
 
 def eviction_cost_ms(
@@ -159,13 +178,25 @@ def eviction_cost_ms(
     usage: Mapping[str, Usage],
     reload_ms: Mapping[str, float],
     now: float,
+    newcomer_demand: float | None = None,
+    service_ms: Mapping[str, float] | None = None,
 ) -> tuple[float, str | None]:
     """The reloads a load imposes on interactive work: for each evicted model, its
-    reload time times the chance its next fast request comes soon. Also the model
-    that costs most (for `route`), or None when nothing interactive is evicted."""
+    reload time times the chance its next fast request comes soon. With the
+    newcomer's demand (demand_ms, this request counted), a model that kept the backend
+    less busy (its `service_ms` here, else nominal) costs nothing: the slot goes to the
+    model that gains most from it, and the evicted one's next request is placed knowing
+    it would evict the newcomer. Also the model that costs most (for `route`), or None
+    when nothing interactive is evicted."""
     total, worst, worst_cost = 0.0, None, 0.0
+    served = service_ms or {}
     for name in evicted:
-        chance = next_request_chance(usage.get(name), now)
+        theirs = usage.get(name)
+        if newcomer_demand is not None and (
+            demand_ms(theirs, served.get(name, NOMINAL_SERVICE_MS), now) < newcomer_demand
+        ):
+            continue
+        chance = next_request_chance(theirs, now)
         if chance <= 0.0:
             continue
         cost = reload_ms.get(name, 0.0) * chance

@@ -91,18 +91,27 @@ class ResidencyFacts:
         self.unloaded_by_user.add(model)
         self.kept_hot.discard(model)
 
-    def record_load(self, model: str, load_ms: float) -> None:
-        self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
+    def _record_load(self, model: str, load_ms: float | None) -> None:
+        if load_ms is not None:
+            self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
 
     def answered(self, model: str, now: float, load_ms: float | None) -> bool:
         """`model` answered just now: it is loaded. True when that is news (it loaded
         the model, per Ollama's load_duration or because it was not resident here, or
-        residency is not known yet), and /api/ps is worth reading."""
+        residency is not known yet), and /api/ps is worth reading.
+
+        `load_ms` (Ollama's load_duration) is learned as the model's load time only from
+        the answer of the request that began the load, or of a load harbord did not see
+        begin: a request that joined a load under way (keep-hot's, another request's)
+        reports only the rest of it."""
         resident = self.resident
         if resident is None:
+            self._record_load(model, load_ms)
             return True
         entry = resident.get(model)
         here = entry is not None and (entry.expires is None or entry.expires > now)
+        if model in self._loading or not here:
+            self._record_load(model, load_ms)
         if here and load_ms is None and model not in self._loading:
             assert entry is not None
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)

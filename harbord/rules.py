@@ -266,7 +266,7 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
         return
     load, learned = residency.load_ms(view.load_ms, model, req.size, view.kind)
     cand.load_ms, cand.load_learned = load, learned
-    cand.expected_ms = load + service
+    cand.expected_ms = residency.amortized_load_ms(load, req.usage.get(model), now) + service
     if not view.resident:
         return  # nothing loaded there: nothing to evict
     budget = view.budget.bytes if view.budget is not None else None
@@ -279,9 +279,12 @@ def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]
         name: residency.load_ms(view.load_ms, name, view.resident[name].size, view.kind)[0]
         for name in evicts
     }
-    cost, _ = residency.eviction_cost_ms(evicts, req.usage, reload, now)
+    # Background work never takes a slot from interactive work, however it compares.
+    mine = None if req.background else residency.demand_ms(req.usage.get(model), service, now, 1)
+    cost, _ = residency.eviction_cost_ms(evicts, req.usage, reload, now, mine, view.service_ms)
     cand.evicts, cand.eviction_ms = evicts, cost
-    cand.expected_ms = load + service + cost
+    if cost:
+        cand.expected_ms = load + service + cost  # evicted again when they come back
 
 
 def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
@@ -340,11 +343,7 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
         return [1 if c in group and c is not best else 0 for c in every]
     best = min(contenders, key=lambda c: (c.expected_ms or 0.0, c.index))
     best_ms = best.expected_ms or 0.0
-    if (
-        best is first
-        or first.expected_ms - best_ms < residency.RESIDENCY_MIN_GAIN_MS
-        or best_ms > first.expected_ms * residency.RESIDENCY_MARGIN
-    ):
+    if best is first or first.expected_ms - best_ms < residency.RESIDENCY_MIN_GAIN_MS:
         return ranks
     best.reasons.insert(
         0,

@@ -71,7 +71,9 @@ class UsageBook(Mapping[str, Usage]):
         times = self._times[model]
         if not times:
             raise KeyError(model)
-        return Usage(residency.count_recent(times, time.time()), times[-1])
+        now = time.time()
+        recent = residency.count_recent(times, now)
+        return Usage(recent, times[-1], times[-recent] if recent else None)
 
     def __iter__(self) -> Iterator[str]:
         return iter([m for m, times in self._times.items() if times])
@@ -289,8 +291,6 @@ class Scheduler:
             return
         if lessons.service_ms is not None:
             backend.record_service(model, lessons.service_ms)
-        if lessons.load_ms is not None:
-            backend.residency.record_load(model, lessons.load_ms)
         if lessons.resident and backend.answered(model, time.time(), lessons.load_ms):
             self.read_loaded(backend)
 

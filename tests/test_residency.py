@@ -23,7 +23,8 @@ GB = 1_000_000_000
 CHAT = "llama3.1:latest"
 EMBED = "nomic-embed-text:latest"
 CODER = "qwen2.5-coder:7b"
-MODELS = {CHAT: int(4.9 * GB), EMBED: int(0.27 * GB), CODER: int(4.7 * GB)}
+TASK = "llama3.2:1b"  # a small model for titles beside the chat model (Open WebUI's)
+MODELS = {CHAT: int(4.9 * GB), EMBED: int(0.27 * GB), CODER: int(4.7 * GB), TASK: int(1.3 * GB)}
 
 # A 12 GiB GPU holding one model at a time, with the chat model loaded; a CPU with nothing.
 GPU = BackendView(
@@ -150,6 +151,40 @@ CASES = [
         ["gpu", "cpu"],
     ),
     (
+        "a task model never served anywhere: the gpu (a cpu it never ran on is nominally slow)",
+        TASK,
+        (replace(GPU, service_ms={CHAT: 150.0}), CPU),
+        None,
+        CHATTING,
+        ["gpu", "cpu"],
+    ),
+    (
+        "the task model again, quick on the gpu: the cpu, where its load is paid once and "
+        "stays, while on the gpu each title would reload the chat model",
+        TASK,
+        (
+            replace(
+                GPU, service_ms={CHAT: 150.0, TASK: 280.0}, load_ms={CHAT: 1500.0, TASK: 600.0}
+            ),
+            CPU,
+        ),
+        None,
+        {CHAT: Usage(14, NOW - 5, NOW - 40), TASK: Usage(2, NOW - 8, NOW - 16)},
+        ["cpu", "gpu"],
+    ),
+    (
+        "the chat model back after a task model took the one-model gpu: the gpu, not a cpu "
+        "six times slower however many requests share its load",
+        CHAT,
+        (
+            replace(GPU, resident={TASK: Resident(int(1.5 * GB), 4096, NOW + 1800, NOW - 2)}),
+            replace(CPU, service_ms={EMBED: 30.0}),
+        ),
+        None,
+        {CHAT: Usage(14, NOW - 5, NOW - 40), TASK: Usage(2, NOW - 2, NOW - 16)},
+        ["gpu", "cpu"],
+    ),
+    (
         "residency not known yet (no /api/ps read): the rule stays out",
         EMBED,
         (replace(GPU, resident=None), replace(CPU, resident=None)),
@@ -266,6 +301,40 @@ def test_next_request_chance_grows_with_use() -> None:
     assert chances == sorted(chances)
     assert 0.9 < chances[-1] < 1.0
     assert residency.next_request_chance(Usage(14, NOW - 400), NOW) == 0.0
+    # the rate over the time the requests came in, not the whole window: three in the
+    # last 20 s make the next one within a minute nearly certain; one alone is no rate
+    spread = residency.next_request_chance(Usage(3, NOW - 1), NOW)
+    burst = residency.next_request_chance(Usage(3, NOW - 1, NOW - 20), NOW)
+    assert spread < 0.5 < 0.9 < burst
+    once = residency.next_request_chance(Usage(1, NOW - 1, NOW - 1), NOW)
+    assert once == residency.next_request_chance(Usage(1, NOW - 1, NOW - 50), NOW) < burst
+
+
+def test_the_slot_goes_to_the_model_that_keeps_the_backend_busiest() -> None:
+    usage = {CHAT: Usage(14, NOW - 5, NOW - 40), TASK: Usage(2, NOW - 2, NOW - 16)}
+    reload = {CHAT: 1500.0, TASK: 600.0}
+    service = {CHAT: 400.0, TASK: 290.0}
+    task = residency.demand_ms(usage[TASK], 290.0, NOW, counting=1)
+    chat = residency.demand_ms(usage[CHAT], 400.0, NOW, counting=1)
+    assert (task, chat) == (870.0, 6000.0)
+    # the title model evicting the chat model: counted
+    cost, worst = residency.eviction_cost_ms([CHAT], usage, reload, NOW, task, service)
+    assert worst == CHAT and cost > 1400.0
+    # the chat model taking its slot back: the title model yields
+    assert residency.eviction_cost_ms([TASK], usage, reload, NOW, chat, service) == (0.0, None)
+    # a retrieval turn: as many embeddings as chats, but 5 ms each against 400
+    rag = {CHAT: Usage(3, NOW - 5, NOW - 40), EMBED: Usage(4, NOW - 4, NOW - 41)}
+    quick = {EMBED: 5.0, CHAT: 400.0}
+    embedding = residency.demand_ms(rag[EMBED], 5.0, NOW, counting=1)
+    assert residency.eviction_cost_ms([CHAT], rag, reload, NOW, embedding, quick)[0] > 0.0
+    answer = residency.demand_ms(rag[CHAT], 400.0, NOW, counting=1)
+    assert residency.eviction_cost_ms([EMBED], rag, {EMBED: 400.0}, NOW, answer, quick)[0] == 0
+
+
+def test_a_load_that_stays_is_shared_by_the_requests_it_serves() -> None:
+    assert residency.amortized_load_ms(900.0, None, NOW) == 900.0
+    assert residency.amortized_load_ms(900.0, Usage(2, NOW - 5), NOW) == 300.0
+    assert residency.amortized_load_ms(900.0, Usage(2, NOW - 400), NOW) == 900.0  # long ago
 
 
 def test_keep_hot_only_after_an_eviction_and_not_after_the_users_unload() -> None:
@@ -331,6 +400,18 @@ def test_background_work_never_evicts_interactive_work(
     assert result.background == (intent is None and num_ctx is not None)
 
 
+def test_background_work_does_not_evict_even_a_little_used_interactive_model() -> None:
+    """An embedding used once, 5 ms a time, keeps the GPU less busy than an agent would:
+    interactive all the same, so the agent goes elsewhere."""
+    gpu = replace(
+        GPU,
+        resident={EMBED: Resident(int(0.35 * GB), 2048, NOW + 1800, NOW - 2)},
+        service_ms={EMBED: 5.0, CODER: 1200.0},
+    )
+    result = place(CODER, (gpu, CPU), None, {EMBED: Usage(1, NOW - 2)}, 16384)
+    assert result.backends == ["cpu", "gpu"], result.steps
+
+
 def test_capacity_learned_from_an_eviction_seen_while_loads_race() -> None:
     """On a busy backend the model a load evicted may itself be gone by the next read:
     any eviction seen, with models left, says the slots are full at that count."""
@@ -380,6 +461,18 @@ def test_a_load_begun_at_the_slot_is_news_when_it_answers_even_without_a_load_du
     facts.sync([_ps(CODER, "2999-01-01T00:00:00Z")], None)  # /api/ps saw it first
     assert facts.answered(CODER, NOW + 2, None) is False
     assert facts.loads == {CHAT: 1}
+
+
+def test_a_request_that_joins_a_load_under_way_does_not_teach_the_load_time() -> None:
+    """Keep-hot began the chat model's load; a chat request came in halfway: its
+    load_duration is the rest of that load, not what a load takes."""
+    facts = ResidencyFacts("gpu", 1, lambda: None)
+    facts.sync([], None)
+    facts.started(CHAT)  # keep-hot's preload begins the load
+    facts.started(CHAT)  # the chat joins it
+    facts.answered(CHAT, NOW, 1500.0)  # the preload's answer: the whole load
+    facts.answered(CHAT, NOW + 1, 700.0)  # the chat's: the rest of it
+    assert facts.load_ms == {CHAT: 1500.0}
 
 
 def test_a_request_that_takes_a_slot_for_another_model_is_a_load_from_then_on() -> None:
