@@ -224,12 +224,6 @@ def most_used(usage: Mapping[str, Usage], now: float) -> str | None:
     return best
 
 
-def count_recent(times: Sequence[float], now: float) -> int:
-    """How many of `times` (ascending epoch seconds) fall in the usage window."""
-    cutoff = now - USAGE_WINDOW
-    return sum(1 for t in times if t > cutoff)
-
-
 def model_to_keep_hot(
     usage: Mapping[str, Usage],
     now: float,

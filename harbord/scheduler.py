@@ -63,23 +63,33 @@ class UsageBook(Mapping[str, Usage]):
         if times is None:
             times = self._times[model] = collections.deque(maxlen=1024)
         times.append(now)
-        cutoff = now - residency.USAGE_WINDOW
-        while times and times[0] <= cutoff:
-            times.popleft()
+        _forget_before(times, now - residency.USAGE_WINDOW)
 
     def __getitem__(self, model: str) -> Usage:
+        # Read on every plan: the times left after pruning are the window's, counted
+        # in constant time (a busy model has hundreds).
         times = self._times[model]
+        _forget_before(times, time.time() - residency.USAGE_WINDOW)
         if not times:
             raise KeyError(model)
-        now = time.time()
-        recent = residency.count_recent(times, now)
-        return Usage(recent, times[-1], times[-recent] if recent else None)
+        return Usage(len(times), times[-1], times[0])
 
     def __iter__(self) -> Iterator[str]:
-        return iter([m for m, times in self._times.items() if times])
+        return iter(self._live())
 
     def __len__(self) -> int:
-        return sum(1 for times in self._times.values() if times)
+        return len(self._live())
+
+    def _live(self) -> list[str]:
+        cutoff = time.time() - residency.USAGE_WINDOW
+        for times in self._times.values():
+            _forget_before(times, cutoff)
+        return [m for m, times in self._times.items() if times]
+
+
+def _forget_before(times: collections.deque[float], cutoff: float) -> None:
+    while times and times[0] <= cutoff:
+        times.popleft()
 
 
 class Slot:
