@@ -58,6 +58,9 @@ class ResidencyFacts:
         self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
         # Taken as loading when their request got a slot; not yet seen answering or in /api/ps.
         self._loading: set[str] = set()
+        # Model -> requests that took a slot while its load was under way: their answers
+        # show the rest of that load, not a load of their own.
+        self._joined: dict[str, int] = {}
         # Model -> when it last answered here, and the other models loaded since.
         self._last_answer: dict[str, float] = {}
         self._since: dict[str, set[str]] = {}
@@ -74,6 +77,9 @@ class ResidencyFacts:
             if entry is None or (entry.expires is not None and entry.expires <= now):
                 self._begin_load(model, now)
                 self._loading.add(model)
+                self._joined[model] = 0
+            elif model in self._loading:
+                self._joined[model] = self._joined.get(model, 0) + 1
 
     def finished(self, model: str | None) -> None:
         if model is not None:
@@ -112,8 +118,11 @@ class ResidencyFacts:
         here = entry is not None and (entry.expires is None or entry.expires > now)
         if model in self._loading or not here:
             self._record_load(model, load_ms)
-        if here and load_ms is None and model not in self._loading:
+        joined = self._joined.get(model, 0)
+        if here and model not in self._loading and (load_ms is None or joined):
             assert entry is not None
+            if load_ms is not None:
+                self._joined[model] = joined - 1  # joined the load answered before
             resident[model] = Resident(entry.size, entry.context, entry.expires, now)
             self._answered_now(model, now)
             return False

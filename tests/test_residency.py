@@ -470,9 +470,15 @@ def test_a_request_that_joins_a_load_under_way_does_not_teach_the_load_time() ->
     facts.sync([], None)
     facts.started(CHAT)  # keep-hot's preload begins the load
     facts.started(CHAT)  # the chat joins it
-    facts.answered(CHAT, NOW, 1500.0)  # the preload's answer: the whole load
-    facts.answered(CHAT, NOW + 1, 700.0)  # the chat's: the rest of it
+    assert facts.answered(CHAT, NOW, 1500.0) is True  # the preload's answer: the whole load
+    assert facts.answered(CHAT, NOW + 1, 700.0) is False  # the chat's: the rest of it
     assert facts.load_ms == {CHAT: 1500.0}
+    # one load, and the chat's load_duration is not taken for an eviction and a reload
+    assert facts.loads == {CHAT: 1} and facts.evictions == {}
+    # a later load of its own, within the keep-alive: that one is news again
+    facts.sync([], None)  # evicted by another client meanwhile
+    facts.started(CHAT)
+    assert facts.answered(CHAT, NOW + 5, 1400.0) is True and facts.loads == {CHAT: 2}
 
 
 def test_a_request_that_takes_a_slot_for_another_model_is_a_load_from_then_on() -> None:
