@@ -268,20 +268,29 @@ def _forced(
     intent_source: str,
     pin_backend: str | None,
 ) -> Plan:
-    for view in backends:
-        if view.name == request.forced_backend:
-            return Plan(
-                model=model,
-                intent=intent,
-                intent_source=intent_source,
-                steps=[PlanStep(view.name, ["forced by X-Harbor-Backend; no fallback"])],
-                forced=True,
-                rule="forced",
-                pinned=pin_backend,
-                num_ctx=request.num_ctx,
-            )
-    names = ", ".join(v.name for v in backends)
-    raise PolicyError(f"unknown backend {request.forced_backend!r}; expected one of: {names}")
+    forced = request.forced_backend
+    assert forced is not None
+    _check_known(backends, forced)
+    return Plan(
+        model=model,
+        intent=intent,
+        intent_source=intent_source,
+        steps=[PlanStep(forced, [_FORCED])],
+        forced=True,
+        rule="forced",
+        pinned=pin_backend,
+        num_ctx=request.num_ctx,
+    )
+
+
+_FORCED = "forced by X-Harbor-Backend; no fallback"
+
+
+def _check_known(backends: Sequence[BackendView], name: str) -> None:
+    """X-Harbor-Backend must name a configured backend."""
+    if all(v.name != name for v in backends):
+        names = ", ".join(v.name for v in backends)
+        raise PolicyError(f"unknown backend {name!r}; expected one of: {names}")
 
 
 _RULE_NAMES: tuple[PlacementRule, ...] = tuple(name for name, _, _ in RULES)
@@ -359,14 +368,12 @@ def plan_without_model(backends: Sequence[BackendView], forced: str | None) -> P
     """A request with no model to route by (pass-through): healthy backends first,
     each group in configuration order."""
     if forced is not None:
-        if all(v.name != forced for v in backends):
-            names = ", ".join(v.name for v in backends)
-            raise PolicyError(f"unknown backend {forced!r}; expected one of: {names}")
+        _check_known(backends, forced)
         return Plan(
             model=None,
             intent="fast",
             intent_source="default",
-            steps=[PlanStep(forced, ["forced by X-Harbor-Backend; no fallback"])],
+            steps=[PlanStep(forced, [_FORCED])],
             forced=True,
             rule="forced",
         )
@@ -392,9 +399,7 @@ def plan_unload(backends: Sequence[BackendView], model: str, forced: str | None)
     one when none does), or to the one X-Harbor-Backend names."""
     reason = "unload goes to every backend that may have the model loaded"
     if forced is not None:
-        if all(v.name != forced for v in backends):
-            names = ", ".join(v.name for v in backends)
-            raise PolicyError(f"unknown backend {forced!r}; expected one of: {names}")
+        _check_known(backends, forced)
         chosen = [forced]
     else:
         usable = reachable(backends)

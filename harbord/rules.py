@@ -31,7 +31,7 @@ from harbord.schemas import (
 from harbord.views import BackendView
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Request:
     """What every rule may read about the request being placed."""
 
@@ -51,7 +51,7 @@ class Request:
     background: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Candidate:
     """One backend on its way into the plan."""
 
