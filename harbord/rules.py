@@ -176,13 +176,14 @@ def intent_rank(req: Request, cand: Candidate) -> int:
     return 0 if cand.view.kind == req.preferred else 1
 
 
+_PREFERS: Mapping[str, str] = {i: f"{i} intent prefers {'gpu' if i == 'fast' else 'cpu'}"
+                                for i in ("fast", "heavy")}  # fmt: skip
+_FALLBACK: Mapping[str, str] = {k: f"{k} fallback" for k in ("gpu", "cpu")}
+
+
 def intent(req: Request, cand: Candidate) -> int:
     rank = intent_rank(req, cand)
-    cand.reasons.append(
-        f"{req.intent} intent prefers {req.preferred}"
-        if rank == 0
-        else f"{cand.view.kind} fallback"
-    )
+    cand.reasons.append(_PREFERS[req.intent] if rank == 0 else _FALLBACK[cand.view.kind])
     return rank
 
 
