@@ -60,6 +60,7 @@ AGENT_CTX = 16384
 # model_info: blocks, embedding length, heads, KV heads, trained context (llama3.2 3B; llama 2 13B)
 MODEL_INFO = {CHAT_MODEL: "28,3072,24,8,131072", AGENT_MODEL: "40,5120,40,40,16384"}
 GPU_VRAM = 12 * GIB
+CPU_RAM = 64 * GIB
 GPU_FLAGS = ["--vram", str(GPU_VRAM), "--max-loaded-models", "1", "--load-time", "1.5",
              "--prompt-delay", "0.15", "--tokens-per-second", "60", "--parallel", "1"]
 CPU_FLAGS = ["--cpu", "--prompt-delay", "1", "--tokens-per-second", "10", "--parallel", "2"]
@@ -149,6 +150,11 @@ def harbord_config(path: Path, backends: dict[str, int], vram_key: bool) -> None
         text += f'[backends.{kind}]\nurl = "http://127.0.0.1:{port}"\nkind = "{kind}"\n'
         if kind == "gpu" and vram_key:
             text += f"vram = {GPU_VRAM}\n"
+        if kind == "cpu":
+            # The workstation's RAM, not this machine's: two 16k agents of a 13B model on a
+            # CPU serving two at a time take 34.5 GiB (Ollama sizes the KV cache per slot),
+            # which a bench machine with less would refuse before asking the CPU fake.
+            text += f"ram = {CPU_RAM}\n"
     path.write_text(text)
 
 
@@ -448,7 +454,8 @@ def markdown(out: dict[str, Any], previous: str = "") -> str:
         "- harbord started as `bench/run.py` starts it (`python -m harbord --config X --state-dir Y`, its own "
         "XDG dirs, the Unix socket in a temp dir), `log_level = \"warning\"`, backends `gpu` and `cpu` with "
         "default keys" + (f", plus `vram = {GPU_VRAM}` (12 GiB) on `gpu`" if out["vram_key"] else
-                          " (no `vram` key: harbord has to find the GPU's memory itself)") + ".",
+                          " (no `vram` key: harbord has to find the GPU's memory itself)")
+        + f", and `ram = {CPU_RAM}` (64 GiB, a workstation's) on `cpu`.",
         f"- GPU: `python -m tests.fakeollama {' '.join(GPU_FLAGS)}` (12 GiB, one model loaded at a time, 1.5 s "
         "loads, 150 ms prompt, 60 tokens/s, one request at a time).",
         f"- CPU: `python -m tests.fakeollama {' '.join(CPU_FLAGS)}` (1 s prompt, 10 tokens/s, two at a time).",
