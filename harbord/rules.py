@@ -247,15 +247,17 @@ def _service_estimate(req: Request, cand: Candidate, every: Sequence[Candidate])
 
 def _residency_figures(req: Request, cand: Candidate, every: Sequence[Candidate]) -> None:
     view, model = cand.view, req.model
-    assert model is not None and view.resident is not None
+    assert model is not None
     now = req.now
-    entry = view.resident.get(model)
+    # Residency not read yet here (a backend that has served nothing): nothing known to
+    # be loaded, so a load and no eviction, shown as not known.
+    entry = view.resident.get(model) if view.resident is not None else None
     # A request at another context reloads the model (Ollama compares num_ctx).
     here = entry is not None and (
         (entry.expires is None or entry.expires > now)
         and (not entry.context or entry.context == cand.ctx)
     )
-    cand.resident = here
+    cand.resident = here if view.resident is not None else None
     service = _service_estimate(req, cand, every)
     cand.service_ms = service
     if service is None:
@@ -317,7 +319,7 @@ def residency_rule(req: Request, every: Sequence[Candidate]) -> list[int]:
         _say_residency(req, (first,))
         return ranks
     for cand in every:
-        if cand is not first and cand.view.resident is not None:
+        if cand is not first:
             _residency_figures(req, cand, every)
     _say_residency(req, every)
     group = _top_group(every)

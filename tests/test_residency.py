@@ -185,6 +185,14 @@ CASES = [
         ["gpu", "cpu"],
     ),
     (
+        "the cpu's residency not read yet (it served nothing): a candidate all the same",
+        EMBED,
+        (GPU, replace(CPU, resident=None)),
+        None,
+        CHATTING,
+        ["cpu", "gpu"],
+    ),
+    (
         "residency not known yet (no /api/ps read): the rule stays out",
         EMBED,
         (replace(GPU, resident=None), replace(CPU, resident=None)),
