@@ -177,6 +177,9 @@ LLAMA31_8B = facts(
     vocab_size=128256,
 )
 
+NOMIC_EMBED = ModelFacts("nomic-bert", 12, 768, 12, 12, context_length=2048, embedding=True)
+
+
 @dataclass(frozen=True)
 class Observed:
     model: str
@@ -285,6 +288,24 @@ OBSERVED = [
     # default 2048 context for 4 slots); weights.total 4.3 GiB; graph.full 560.0 MiB;
     # memory.required.full 6.5 GiB.
     Observed("llama3.1:8b", LLAMA31_8B, int(4.3 * GIB), 2048, 4, int(6.5 * GIB), "full"),
+    # https://github.com/intel/ipex-llm/issues/12912 (ollama 0.5.4 as ipex-llm builds it;
+    # layers.offload=0, so the CPU): nomic-embed-text, --ctx-size 8192 --parallel 1;
+    # weights.total 240.1 MiB; memory.required.full 352.9 MiB. An embedding model: one slot,
+    # and the estimate's context capped at the trained 2048.
+    Observed(
+        "nomic-embed-text",
+        NOMIC_EMBED,
+        int(240.1 * MIB),
+        8192,
+        1,
+        int(352.9 * MIB),
+        "full",
+        kind="cpu",
+    ),
+    # https://github.com/Crosstalk-Solutions/project-nomad/issues/1268 (`ollama ps` on an
+    # RTX 5060 Ti): nomic-embed-text:v1.5, SIZE 323 MB, 100% GPU, CONTEXT 2048; ollama.com
+    # lists it at 274MB.
+    Observed("nomic-embed-text:v1.5", NOMIC_EMBED, 274_000_000, 2048, 1, 323_000_000, "ps"),
 ]
 
 
@@ -314,13 +335,12 @@ def test_estimate_matches_what_ollama_reported(row: Observed) -> None:
 
 
 def test_the_table_covers_the_kinds_of_model() -> None:
-    # Still missing (no public log found yet): an embedding model (nomic-bert), whose
-    # rules (one slot, f16, the trained context) are tested in test_memory_size.py.
     archs = {row.facts.architecture for row in OBSERVED}
     assert len(OBSERVED) >= 12 and len(archs) >= 6
     assert {"gemma3", "gptoss"} <= archs  # sliding window
     assert any(row.facts.vision_block_count for row in OBSERVED)  # vision
     assert any(row.facts.expert_count for row in OBSERVED)  # mixture of experts
+    assert any(row.facts.embedding for row in OBSERVED)  # embedding
     assert any(row.gpus > 1 for row in OBSERVED)  # the graph charged per GPU
     assert any(row.kind == "cpu" for row in OBSERVED)
 
