@@ -219,29 +219,26 @@ class ResidencyFacts:
         self,
         before: dict[str, Resident],
         fresh: dict[str, Resident],
-        shown: dict[str, Resident],
         evicted: list[str],
         budget: MemoryBudget | None,
     ) -> None:
         """How many models the backend holds, from what a load evicted: after a load
         harbord relayed (learn_capacity), or any eviction seen with models left (loads
-        that race each other on a busy backend). Counted from what /api/ps listed
-        (`shown`), not the models kept as running beside it: those would count a slot
-        twice, and a one-model GPU would be taken for a two-model one."""
+        that race each other on a busy backend)."""
         limit = budget.bytes if budget is not None else None
         pending, self._load_before = self._load_before, None
         learned: int | None = None
         if pending is not None:
             model, was = pending
             forced = _memory_forced(before, was - set(fresh), fresh, limit)
-            learned = learn_capacity(was, shown, model, forced)
+            learned = learn_capacity(was, fresh, model, forced)
         # A read during a load shows the evicted model gone and the new one not yet
         # there: the eviction waits for the next read that shows what took its place.
         self._unsettled.update(evicted)
-        racing = learned is None and self._unsettled and shown
+        racing = learned is None and self._unsettled and fresh
         if racing and not _memory_forced(before, self._unsettled, fresh, limit):
-            learned = len(shown)
-        if shown:
+            learned = len(fresh)
+        if fresh:
             self._unsettled.clear()
         if learned is not None:
             self._learn(learned)
@@ -272,7 +269,6 @@ class ResidencyFacts:
                 parse_expiry(entry.expires_at),
                 old.last_used if old is not None else now,
             )
-        shown = dict(fresh)  # what /api/ps listed: the slots are counted from it alone
         for name, kept in before.items():
             if name not in fresh and self.running.get(name):
                 # Generating, or loading for a request that holds a slot: a read that
@@ -292,7 +288,7 @@ class ResidencyFacts:
         ]
         for name in evicted:
             self._evicted(name, now)
-        self._learn_slots(before, fresh, shown, evicted, budget)
+        self._learn_slots(before, fresh, evicted, budget)
         known = self.resident is not None
         self.resident = fresh
         self.view = MappingProxyType(fresh)

@@ -420,20 +420,6 @@ def test_background_work_does_not_evict_even_a_little_used_interactive_model() -
     assert result.backends == ["cpu", "gpu"], result.steps
 
 
-def test_a_model_still_loading_is_not_counted_as_a_slot_taken() -> None:
-    """Two loads race on a one-model GPU: /api/ps shows the embedding that evicted the
-    coder, while the chat model (its request holds a slot) is still loading and not
-    listed. One slot, not two."""
-    facts = ResidencyFacts("gpu", None, lambda: None)
-    later = "2999-01-01T00:00:00Z"
-    facts.sync([_ps(CODER, later)], None)
-    facts.started(EMBED)
-    facts.started(CHAT)
-    facts.sync([_ps(EMBED, later)], None)
-    assert facts.resident is not None and set(facts.resident) == {EMBED, CHAT}
-    assert facts.capacity == residency.Capacity(1, "learned")
-
-
 def test_capacity_learned_from_an_eviction_seen_while_loads_race() -> None:
     """On a busy backend the model a load evicted may itself be gone by the next read:
     any eviction seen, with models left, says the slots are full at that count."""
