@@ -227,11 +227,16 @@ class Residency(Base):
         used = sum(self._mem(ld.size, ld.size_vram) for ld in others)
         return budget is not None and bool(others) and used + need > budget
 
-    def _room(self, key: str, want: Want) -> bool:
-        """Whether ``key`` can run once idle models are evicted (busy ones stay)."""
+    def _matching(self, key: str, want: Want) -> Loaded | None:
+        """``key``'s entry (loaded or loading) if it is the one ``want`` asks for, once
+        expired models are gone."""
         self._prune()
         current = self.loaded.get(key)
-        if current is not None and self._matches(current, want):
+        return current if current is not None and self._matches(current, want) else None
+
+    def _room(self, key: str, want: Want) -> bool:
+        """Whether ``key`` can run once idle models are evicted (busy ones stay)."""
+        if self._matching(key, want) is not None:
             return True
         busy = [ld for k, ld in self.loaded.items() if k != key and self._busy(k)]
         limit = self.sched.max_loaded
@@ -276,9 +281,8 @@ class Residency(Base):
             raise Reply(self._err(ctx, 503, BUSY_TEXT))
         want = self._want(info, body)
         arrived = time.perf_counter_ns()
-        self._prune()
-        current = self.loaded.get(info.key)
-        loaded = current is not None and current.ready.is_set() and self._matches(current, want)
+        current = self._matching(info.key, want)
+        loaded = current is not None and current.ready.is_set()
         await self._admit(ctx, info, want)
         t = time.perf_counter_ns() if loaded else arrived
         if f.load_delay > 0.0 and applies:
@@ -307,9 +311,8 @@ class Residency(Base):
     async def _ensure_loaded(self, info: ModelInfo, want: Want, keep_alive: float) -> Loaded:
         key = info.key
         while True:
-            self._prune()
-            current = self.loaded.get(key)
-            if current is not None and self._matches(current, want):
+            current = self._matching(key, want)
+            if current is not None:
                 if current.ready.is_set():
                     return current
                 await current.ready.wait()  # another request is loading it
