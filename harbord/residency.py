@@ -148,15 +148,21 @@ def predicted_evictions(
     return evicted
 
 
+def recent_requests(usage: Usage | None, now: float) -> int:
+    """A model's `fast` requests in the window; 0 when its last one is older."""
+    return usage.recent if usage is not None and now - usage.last <= USAGE_WINDOW else 0
+
+
 def next_request_chance(usage: Usage | None, now: float) -> float:
     """How likely a model's next `fast` request comes within NEXT_REQUEST_HORIZON:
     requests as a Poisson process at the rate seen since the earliest of them in the
     window (a chat begun a minute ago is not spread over five), over at least the
     horizon (one request is no rate)."""
-    if usage is None or usage.recent <= 0 or now - usage.last > USAGE_WINDOW:
+    recent = recent_requests(usage, now)
+    if usage is None or recent <= 0:
         return 0.0
     span = USAGE_WINDOW if usage.first is None else now - usage.first
-    rate = usage.recent / min(max(span, NEXT_REQUEST_HORIZON), USAGE_WINDOW)
+    rate = recent / min(max(span, NEXT_REQUEST_HORIZON), USAGE_WINDOW)
     return 1.0 - math.exp(-rate * NEXT_REQUEST_HORIZON)
 
 
@@ -164,15 +170,13 @@ def amortized_load_ms(load: float, usage: Usage | None, now: float) -> float:
     """A load that evicts nothing interactive stays: its time is paid once, shared by
     the requests the model gets while loaded, counted as many as it had lately (this
     one too). A load that evicts interactive work is paid again each time: not this."""
-    recent = usage.recent if usage is not None and now - usage.last <= USAGE_WINDOW else 0
-    return load / (1 + recent)
+    return load / (1 + recent_requests(usage, now))
 
 
 def demand_ms(usage: Usage | None, service_ms: float, now: float, counting: int = 0) -> float:
     """How much of a backend's time a model's `fast` requests took lately: their number
     in the window (plus `counting` not yet recorded) times the time each takes there."""
-    recent = usage.recent if usage is not None and now - usage.last <= USAGE_WINDOW else 0
-    return (recent + counting) * service_ms
+    return (recent_requests(usage, now) + counting) * service_ms
 
 
 def eviction_cost_ms(
@@ -218,9 +222,10 @@ def most_used(usage: Mapping[str, Usage], now: float) -> str | None:
     best: str | None = None
     best_key = (0, 0.0)
     for name, entry in usage.items():
-        if now - entry.last > USAGE_WINDOW or entry.recent <= 0:
+        recent = recent_requests(entry, now)
+        if recent <= 0:
             continue
-        key = (entry.recent, entry.last)
+        key = (recent, entry.last)
         if key > best_key:
             best, best_key = name, key
     return best
