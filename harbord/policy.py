@@ -366,15 +366,15 @@ def _estimate_of(cand: Candidate) -> BackendEstimate:
     )
 
 
-def reachable(backends: Sequence[BackendView]) -> list[str]:
-    """Backends worth asking now (aggregated reads): not down, not cooling down."""
-    return [v.name for v in backends if v.health != "down" and not v.cooldown]
-
-
 # -- plans without a model ---------------------------------------------------------
 
 
 _HEALTH_ORDER: Mapping[str, int] = MappingProxyType({"down": 2, "degraded": 1})
+
+
+def reachable(backends: Sequence[BackendView]) -> list[str]:
+    """Backends worth asking now (aggregated reads): not down, not cooling down."""
+    return [v.name for v in backends if v.health != "down" and not v.cooldown]
 
 
 def plan_without_model(backends: Sequence[BackendView], forced: str | None) -> Plan:

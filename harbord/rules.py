@@ -176,9 +176,12 @@ def intent_rank(req: Request, cand: Candidate) -> int:
     return 0 if cand.view.kind == req.preferred else 1
 
 
-_PREFERS: Mapping[str, str] = {i: f"{i} intent prefers {'gpu' if i == 'fast' else 'cpu'}"
-                                for i in ("fast", "heavy")}  # fmt: skip
-_FALLBACK: Mapping[str, str] = {k: f"{k} fallback" for k in ("gpu", "cpu")}
+# Written out once, not formatted per candidate per plan.
+_PREFERS: Mapping[str, str] = {
+    "fast": "fast intent prefers gpu",
+    "heavy": "heavy intent prefers cpu",
+}
+_FALLBACK: Mapping[str, str] = {"gpu": "gpu fallback", "cpu": "cpu fallback"}
 
 
 def intent(req: Request, cand: Candidate) -> int:
