@@ -88,6 +88,7 @@ class Backend:
         # Residency (issue 16): what is loaded here, its slots, loads and evictions.
         self.residency = ResidencyFacts(name, config.max_loaded, self.changed)
         self._view: BackendView
+        self._rebuilt = 0  # views built: see `generation`
         self.changed()
 
     @property
@@ -165,8 +166,16 @@ class Backend:
             object.__setattr__(view, "queued", queued)
         return view
 
+    @property
+    def generation(self) -> int:
+        """Changes when anything the policy reads here changes, but the load (in flight,
+        queued: read with it), service times and the last use of resident models; two
+        counters that only grow, so their sum changes whenever either does."""
+        return self._rebuilt + self.residency.generation
+
     def changed(self) -> None:
         self._view = self._build_view()
+        self._rebuilt += 1
         if self.on_change is not None:
             self.on_change(self)
 

@@ -84,21 +84,21 @@ def choose_capacity(configured: int | None, unit_env: int | None, learned: int |
 
 
 def learn_capacity(
-    before: Iterable[str],
-    after: Iterable[str],
-    loaded: str,
+    reference: Iterable[str],
+    left: Iterable[str],
+    listed: Iterable[str],
     memory_forced: bool,
 ) -> int | None:
-    """What a load teaches about the slots: `before` and `after` are the models /api/ps
-    showed around the load of `loaded`. When a model left as `loaded` came in and
-    memory did not force it out, the server holds len(after) models at most."""
-    before_set, after_set = set(before), set(after)
-    if loaded not in after_set or memory_forced:
+    """What /api/ps teaches about the slots: `reference` is what it listed before models
+    `left` before their time, `listed` what it lists now. Once a model that was not
+    there has come in their place, and memory did not force them out, the server holds
+    len(listed) models: Ollama evicts only to make room, and never holds more. Until
+    then (a read inside the load shows the room, not what took it) nothing is learned."""
+    listed_set = set(listed)
+    came = listed_set - set(reference)
+    if not came or memory_forced or not set(left) - listed_set:
         return None
-    evicted = before_set - after_set - {loaded}
-    if not evicted:
-        return None
-    return max(len(after_set), 1)
+    return len(listed_set)
 
 
 def estimate_load_ms(size: int, kind: BackendKind) -> float:

@@ -54,8 +54,13 @@ class ResidencyFacts:
         self.kept_hot: set[str] = set()  # models harbord loaded again to keep them hot
         self.evicted_at: dict[str, float] = {}  # model -> when it left before its time
         self.unloaded_by_user: set[str] = set()  # not to be kept hot until asked for
-        self._load_before: tuple[str, set[str]] | None = None  # (model, resident before)
-        self._unsettled: set[str] = set()  # evicted, and nothing seen in their place yet
+        self._load_begun: str | None = None  # the model whose load began last, until a read
+        # What the last /api/ps read listed; and, once models left before their time,
+        # what it listed before they left and who left, until a read shows what came
+        # in their place (the slots are learned then: residency.learn_capacity).
+        self._listed: dict[str, Resident] = {}
+        self._reference: dict[str, Resident] | None = None
+        self._left: set[str] = set()
         # Taken as loading when their request got a slot; not yet seen answering or in /api/ps.
         self._loading: set[str] = set()
         # Model -> requests that took a slot while its load was under way: their answers
@@ -64,13 +69,20 @@ class ResidencyFacts:
         # Model -> when it last answered here, and the other models loaded since.
         self._last_answer: dict[str, float] = {}
         self._since: dict[str, set[str]] = {}
+        # Bumped when what the policy reads here changes (resident models, which run,
+        # load times), but not by the last use of a resident model: the scheduler
+        # reuses a plan only while this stays the same (Scheduler.place).
+        self.generation = 0
 
     def started(self, model: str | None) -> None:
         """A generation for `model` took a slot here: if the model is not loaded, it is
         being loaded now, and the next plan must see it (and what it evicts) so."""
         if model is None:
             return
-        self.running[model] = self.running.get(model, 0) + 1
+        running = self.running.get(model, 0)
+        self.running[model] = running + 1
+        if not running:
+            self.generation += 1
         resident, now = self.resident, time.time()
         if resident is not None:
             entry = resident.get(model)
@@ -88,6 +100,7 @@ class ResidencyFacts:
                 self.running[model] = left
             else:
                 self.running.pop(model, None)
+                self.generation += 1
 
     def requested(self, model: str) -> None:
         """A request asked for `model`: the user's earlier unload no longer holds."""
@@ -100,6 +113,7 @@ class ResidencyFacts:
     def _record_load(self, model: str, load_ms: float | None) -> None:
         if load_ms is not None:
             self.load_ms[model] = ewma(self.load_ms.get(model), load_ms)
+            self.generation += 1
 
     def answered(self, model: str, now: float, load_ms: float | None) -> bool:
         """`model` answered just now: it is loaded. True when that is news (it loaded
@@ -157,10 +171,10 @@ class ResidencyFacts:
                 self._learn(min(len(others), current) if current else len(others))
         self._loaded_now(model)
         self._answered_now(model, now)
-        pending = self._load_before
-        if pending is not None and pending[0] == model and entry is not None:
+        if self._load_begun == model and entry is not None:
             # Begun when the request took its slot (started): the model is there now.
             resident[model] = Resident(entry.size, entry.context, now + DEFAULT_KEEP_ALIVE, now)
+            self.generation += 1
         else:
             self._begin_load(model, now)
         return True
@@ -177,12 +191,12 @@ class ResidencyFacts:
                 since.add(model)
 
     def _begin_load(self, model: str, now: float) -> None:
-        """`model` is being loaded: what was resident before it (to see in /api/ps what it
-        evicted), and what it evicts by the slots, as Ollama picks (least recently used,
-        idle), taken as gone now, before /api/ps says so."""
+        """`model` is being loaded: what it evicts by the slots, as Ollama picks (least
+        recently used, idle), is taken as gone now, before /api/ps says so."""
         resident = self.resident
         assert resident is not None
-        self._load_before = (model, set(resident) - {model})
+        self.generation += 1
+        self._load_begun = model
         entry = resident.get(model)
         for name in predicted_evictions(
             resident, model, None, self.capacity.models, None, now, self.running
@@ -194,6 +208,7 @@ class ResidencyFacts:
 
     def _evicted(self, name: str, now: float) -> None:
         self.evictions[name] = self.evictions.get(name, 0) + 1
+        self.generation += 1
         self.evicted_at[name] = now
         log.info("%s left %s before its time (evicted)", name, self.name)
 
@@ -215,31 +230,32 @@ class ResidencyFacts:
             self.capacity = capacity
             self.changed()
 
-    def _learn_slots(
-        self,
-        before: dict[str, Resident],
-        fresh: dict[str, Resident],
-        evicted: list[str],
-        budget: MemoryBudget | None,
-    ) -> None:
-        """How many models the backend holds, from what a load evicted: after a load
-        harbord relayed (learn_capacity), or any eviction seen with models left (loads
-        that race each other on a busy backend)."""
+    def _learn_slots(self, listed: dict[str, Resident], budget: MemoryBudget | None) -> None:
+        """How many models the backend holds, from what /api/ps listed alone (a model
+        harbord takes as loading may still wait for a slot): when models left before
+        their time (not by the user's own unload) and a read shows what came in their
+        place, unless memory pushed them out."""
+        now = time.time()
+        left = [
+            name
+            for name, old in self._listed.items()
+            if name not in listed
+            and old.expires is not None
+            and old.expires > now + 1
+            and name not in self.unloaded_by_user
+        ]
+        if left:
+            if self._reference is None:
+                self._reference = self._listed
+            self._left.update(left)
+        reference = self._reference
+        self._listed = listed
+        if reference is None or not set(listed) - set(reference):
+            return
         limit = budget.bytes if budget is not None else None
-        pending, self._load_before = self._load_before, None
-        learned: int | None = None
-        if pending is not None:
-            model, was = pending
-            forced = _memory_forced(before, was - set(fresh), fresh, limit)
-            learned = learn_capacity(was, fresh, model, forced)
-        # A read during a load shows the evicted model gone and the new one not yet
-        # there: the eviction waits for the next read that shows what took its place.
-        self._unsettled.update(evicted)
-        racing = learned is None and self._unsettled and fresh
-        if racing and not _memory_forced(before, self._unsettled, fresh, limit):
-            learned = len(fresh)
-        if fresh:
-            self._unsettled.clear()
+        forced = _memory_forced(reference, self._left, listed, limit)
+        learned = learn_capacity(reference, self._left, listed, forced)
+        self._reference, self._left = None, set()
         if learned is not None:
             self._learn(learned)
 
@@ -257,7 +273,8 @@ class ResidencyFacts:
         """What /api/ps showed: the resident models, what left before its time (an
         eviction), and after a load, how many models the backend holds at once."""
         now = time.time()
-        before = self.resident or {}
+        self.generation += 1
+        before = dict(self.resident) if self.resident is not None else {}
         fresh: dict[str, Resident] = {}
         for entry in loaded:
             name = normalize_model(entry.name)
@@ -269,6 +286,7 @@ class ResidencyFacts:
                 parse_expiry(entry.expires_at),
                 old.last_used if old is not None else now,
             )
+        listed = dict(fresh)
         for name, kept in before.items():
             if name not in fresh and self.running.get(name):
                 # Generating, or loading for a request that holds a slot: a read that
@@ -288,12 +306,17 @@ class ResidencyFacts:
         ]
         for name in evicted:
             self._evicted(name, now)
-        self._learn_slots(before, fresh, evicted, budget)
-        known = self.resident is not None
-        self.resident = fresh
-        self.view = MappingProxyType(fresh)
-        if not known:
+        self._load_begun = None
+        self._learn_slots(listed, budget)
+        if self.resident is None:
+            self.resident = fresh
+            self.view = MappingProxyType(fresh)
             self.changed()
+        else:
+            # In place: the backend's view reads this mapping, and is rebuilt only when
+            # a fact it copies changes.
+            self.resident.clear()
+            self.resident.update(fresh)
 
 
 def _memory_forced(

@@ -50,6 +50,14 @@ def on_this_host(url: str) -> bool:
 
 _NO_FACTS: Mapping[str, ModelFacts] = {}
 
+# How long a request's plan is reused for the same request while nothing it reads has
+# changed (Scheduler.place): what moves with every answer (service times, usage, the
+# last use of a resident model) and the clock (expiries) are then this much old at
+# most. A plan costs more than the rest of harbord's own work per request on a
+# saturated backend (bench/issue15-after.md), and is the same plan.
+PLAN_REUSE_S = 0.1
+_PLANS_KEPT = 256
+
 
 class UsageBook(Mapping[str, Usage]):
     """When `fast` requests asked for each model lately (residency.USAGE_WINDOW):
@@ -131,6 +139,9 @@ class Scheduler:
         # The client preloads go through (the request path's pools; set by Harbor).
         self.pools = Pools()
         self._meminfo_text: str | None = None
+        # (request, what the plan read) -> (plan, reusable until, model facts known)
+        self._plans: dict[tuple[object, ...], tuple[Plan, float, bool]] = {}
+        self._configured = 0  # build_backends calls: a reload changes every plan
         self.build_backends(config)
 
     # -- the backends ------------------------------------------------------------
@@ -138,6 +149,7 @@ class Scheduler:
     def build_backends(self, config: Config) -> list[str]:
         """Keep what still exists, make what is new; returns the names removed."""
         self.config = config
+        self._configured += 1
         removed = [name for name in self.backends if name not in config.backends]
         fresh: dict[str, Backend] = {}
         for name, backend_config in config.backends.items():
@@ -188,15 +200,37 @@ class Scheduler:
     # -- placement ---------------------------------------------------------------
 
     def place(self, request: RouteRequest) -> Plan:
-        """The plan for a request about to be sent: counted as fast use of its model."""
-        plan = self.preview(request)
+        """The plan for a request about to be sent: counted as fast use of its model.
+        The same request gets the same plan object for PLAN_REUSE_S while the facts it
+        was made of are the same (`_plan_key`)."""
+        now = time.time()
+        key = self._plan_key(request)
+        known = self.facts()
+        reused = self._plans.get(key)
+        if reused is not None and reused[1] > now and (reused[0].model in known) == reused[2]:
+            plan = reused[0]
+        else:
+            plan = self.preview(request)
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[key] = (plan, now + PLAN_REUSE_S, plan.model in known)
         model = plan.model
         if model is not None:
             if plan.intent == "fast" and not plan.forced and not plan.background:
-                self.usage.record(model, time.time())
+                self.usage.record(model, now)
             for backend in self.backends.values():
                 backend.residency.requested(model)
         return plan
+
+    def _plan_key(self, request: RouteRequest) -> tuple[object, ...]:
+        """What a plan is made of, but the clock, service times and usage: the request,
+        the configuration, pins and affinity (StateStore.generation), and per backend
+        its facts (Backend.generation) and its load."""
+        key: list[object] = [request, self._configured, self.state.generation]
+        for backend in self.backends.values():
+            limiter = backend.limiter
+            key += (backend.generation, limiter.active, limiter.queued)
+        return tuple(key)
 
     def preview(self, request: RouteRequest) -> Plan:
         """The plan a request would get (`harborctl route`), without counting it as one;

@@ -60,6 +60,9 @@ class StateStore:
         self._affinity_saved_at = 0.0
         self._save_task: asyncio.Task[None] | None = None
         self._save_again = False
+        # Bumped by every change of the pins or affinities (each is saved): the
+        # scheduler reuses a plan only while this stays the same.
+        self.generation = 0
 
     def load(self) -> None:
         self._read()
@@ -81,6 +84,7 @@ class StateStore:
             return
         self.pins = dict(state.pins)
         self.affinity = dict(state.affinity)
+        self.generation += 1
 
     def _set_aside(self, why: str) -> None:
         aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
@@ -144,6 +148,7 @@ class StateStore:
 
     def schedule_save(self) -> None:
         """Save soon, off the event loop; changes during a save cause one more."""
+        self.generation += 1
         if self._save_task is not None and not self._save_task.done():
             self._save_again = True
             return

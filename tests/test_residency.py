@@ -270,19 +270,21 @@ def test_capacity_sources_in_order(
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "loaded", "memory_forced", "expected"),
+    ("reference", "left", "listed", "memory_forced", "expected"),
     [
-        ({CHAT}, {EMBED}, EMBED, False, 1),  # the chat model left as the embedding came
-        ({CHAT, CODER}, {CODER, EMBED}, EMBED, False, 2),
-        ({CHAT}, {CHAT, EMBED}, EMBED, False, None),  # nothing left: nothing learned
-        ({CHAT}, {EMBED}, EMBED, True, None),  # memory pushed it out, not a slot
-        ({CHAT}, {CHAT}, EMBED, False, None),  # the load is not there (unloaded at once)
+        ({CHAT}, {CHAT}, {EMBED}, False, 1),  # the chat model left as the embedding came
+        ({CHAT, CODER}, {CHAT}, {CODER, EMBED}, False, 2),
+        ({CHAT}, {CHAT}, set(), False, None),  # read inside the load: nothing came yet
+        ({CHAT}, {CHAT}, {EMBED}, True, None),  # memory pushed it out, not a slot
+        ({CHAT}, {CHAT}, {CHAT, EMBED}, False, None),  # it came back: nothing left
+        ({CHAT}, set(), {CHAT, EMBED}, False, None),  # nothing left: nothing learned
     ],
 )
 def test_capacity_learned_from_an_eviction(
-    before: set[str], after: set[str], loaded: str, memory_forced: bool, expected: int | None
-) -> None:
-    assert residency.learn_capacity(before, after, loaded, memory_forced) == expected
+    reference: set[str], left: set[str], listed: set[str], memory_forced: bool,
+    expected: int | None,
+) -> None:  # fmt: skip
+    assert residency.learn_capacity(reference, left, listed, memory_forced) == expected
 
 
 def test_predicted_evictions_least_recently_used_idle_first() -> None:
@@ -566,3 +568,19 @@ def test_background_work_leaves_a_crowded_gpu_to_the_interactive_model() -> None
     assert result.rule == "residency"
     # Interactive work at the default context is not background: it stays.
     assert place(CHAT, (crowded, CPU), None, CHATTING).backends == ["gpu", "cpu"]
+
+
+def test_capacity_counts_what_ps_lists_not_what_waits_for_a_slot() -> None:
+    """Two loads begun at once on a one-model GPU (an embedding and an agent): the read
+    after the embedding's answer lists it alone. The agent's request holds a harbord slot
+    but waits in Ollama's queue: the GPU holds one model, not two."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    later = "2999-01-01T00:00:00Z"
+    facts.sync([_ps(CHAT, later)], None)
+    facts.started(EMBED)
+    facts.started(CODER)
+    facts.answered(EMBED, NOW, 400.0)
+    facts.finished(EMBED)
+    facts.sync([_ps(EMBED, later)], None)
+    assert facts.capacity == residency.Capacity(1, "learned")
+    assert facts.resident is not None and CODER in facts.resident  # loading, kept beside
