@@ -342,7 +342,6 @@ def test_curl_pass_through_of_an_unknown_path_without_a_model(
 # --- pass-through keeps who may reach harbord -------------------------------------------------
 
 
-
 def test_pass_through_keeps_the_peer_check_and_the_token(
     fakes: tuple[FakeOllama, FakeOllama], other_user: str
 ) -> None:
