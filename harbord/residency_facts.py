@@ -128,6 +128,10 @@ class ResidencyFacts:
         if resident is None:
             self._record_load(model, load_ms)
             return True
+        if load_ms is None and model in self._loading and model in self._listed:
+            # /api/ps listed it first (Ollama lists a model from the moment its load
+            # begins): an answer that says no load is no news.
+            self._loading.discard(model)
         entry = resident.get(model)
         here = entry is not None and (entry.expires is None or entry.expires > now)
         if model in self._loading or not here:
@@ -278,7 +282,6 @@ class ResidencyFacts:
         fresh: dict[str, Resident] = {}
         for entry in loaded:
             name = normalize_model(entry.name)
-            self._loading.discard(name)  # seen loaded: its next answer is no news
             old = before.get(name)
             fresh[name] = Resident(
                 entry.size,

@@ -123,6 +123,23 @@ def test_one_load_for_concurrent_requests() -> None:
         assert all((r.load_duration or 0) >= 100_000_000 for r in out)
 
 
+def test_ps_lists_a_model_from_the_moment_its_load_begins() -> None:
+    """Ollama's /api/ps ranges over every runner its scheduler holds, and a runner is
+    held from the start of its load; a loading one expires a keep-alive from now."""
+    args = ["--max-loaded-models", "1", "--load-time", "0.6"]
+    with FakeOllama.start("gpu", extra_args=args) as fake:
+        c = ollama.Client(host=fake.url, timeout=10)
+        c.chat(model=CHAT, messages=MSGS)
+        loading = threading.Thread(target=lambda: c.chat(model=CODER, messages=MSGS))
+        loading.start()
+        wait_until(lambda: resident(c) == [CODER])  # the chat model evicted at once
+        assert fake.stats()["loads"] == 1  # still loading: not counted yet
+        [ps] = c.ps().models
+        assert ps.expires_at is not None and ps.expires_at.timestamp() > time.time() + 60
+        loading.join(10)
+        assert resident(c) == [CODER] and fake.stats()["loads"] == 2
+
+
 def test_keep_alive_expires_and_zero_unloads() -> None:
     with FakeOllama.start("gpu") as fake:
         c = ollama.Client(host=fake.url, timeout=10)

@@ -584,3 +584,17 @@ def test_capacity_counts_what_ps_lists_not_what_waits_for_a_slot() -> None:
     facts.sync([_ps(EMBED, later)], None)
     assert facts.capacity == residency.Capacity(1, "learned")
     assert facts.resident is not None and CODER in facts.resident  # loading, kept beside
+
+
+def test_a_load_listed_by_ps_while_under_way_still_teaches_its_time() -> None:
+    """Ollama lists a model in /api/ps from the moment its load begins: the load's own
+    answer still counts as the load, and its load_duration as the model's load time."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    later = "2999-01-01T00:00:00Z"
+    facts.sync([_ps(CHAT, later)], None)
+    facts.started(CODER)
+    facts.sync([_ps(CODER, later)], None)  # listed while loading; the chat model gone
+    assert facts.capacity == residency.Capacity(1, "learned")
+    assert facts.answered(CODER, NOW, 1500.0) is True
+    assert facts.load_ms == {CODER: 1500.0}
+    assert facts.loads == {CODER: 1}

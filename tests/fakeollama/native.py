@@ -282,7 +282,7 @@ class NativeAPI(Generation):
     async def _ps(self, request: web.Request) -> web.StreamResponse:
         hidden = self.faults.missing_models
         out = []
-        for ld in self.resident():
+        for ld in self.listed():
             key = ld.info.key
             if key in hidden or key not in self.models:
                 continue

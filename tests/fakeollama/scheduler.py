@@ -195,6 +195,14 @@ class Residency(Base):
         self._prune()
         return [ld for ld in self.loaded.values() if ld.ready.is_set()]
 
+    def listed(self) -> list[Loaded]:
+        """What /api/ps lists: the models loaded and those still loading, as Ollama's
+        PsHandler ranges over every runner its scheduler holds, a loading one from the
+        moment its load begins (server/sched.go `load`, server/routes.go `PsHandler`);
+        the longest time left first."""
+        self._prune()
+        return sorted(self.loaded.values(), key=lambda ld: ld.expires, reverse=True)
+
     def _want(self, info: ModelInfo, body: Mapping[str, Any]) -> Want:
         opts = _mapping(body.get("options"))
         num_ctx = opts.get("num_ctx")
