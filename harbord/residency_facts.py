@@ -101,6 +101,7 @@ class ResidencyFacts:
             else:
                 self.running.pop(model, None)
                 self.generation += 1
+                self._make_room_for_waiting(time.time())
 
     def requested(self, model: str) -> None:
         """A request asked for `model`: the user's earlier unload no longer holds."""
@@ -202,13 +203,43 @@ class ResidencyFacts:
         self.generation += 1
         self._load_begun = model
         entry = resident.get(model)
+        waiting = self._waiting(model)
+        candidates = (
+            {n: r for n, r in resident.items() if n not in waiting} if waiting else resident
+        )
         for name in predicted_evictions(
-            resident, model, None, self.capacity.models, None, now, self.running
+            candidates, model, None, self.capacity.models, None, now, self.running
         ):
             del resident[name]
             self._evicted(name, now)
         size, context = (entry.size, entry.context) if entry is not None else (0, 0)
         resident[model] = Resident(size, context, now + DEFAULT_KEEP_ALIVE, now)
+
+    def _waiting(self, but: str | None = None) -> set[str]:
+        """Models whose requests hold a slot here but that are not loaded yet: they
+        wait in Ollama's queue for room, and take the next slot that frees."""
+        return {
+            name
+            for name in self._loading
+            if name != but and self.running.get(name) and name not in self._listed
+        }
+
+    def _make_room_for_waiting(self, now: float) -> None:
+        """A model went idle here: if loads wait for room and more models are taken as
+        resident than the backend holds, Ollama evicts idle ones, least recently used
+        first, for them (the model that just finished, on a one-model GPU)."""
+        resident = self.resident
+        if resident is None or not self._waiting():
+            return
+        excess = len(resident) - self.capacity.models
+        if excess <= 0:
+            return
+        idle = sorted(
+            (n for n in resident if not self.running.get(n)), key=lambda n: resident[n].last_used
+        )
+        for name in idle[:excess]:
+            del resident[name]
+            self._evicted(name, now)
 
     def _evicted(self, name: str, now: float) -> None:
         self.evictions[name] = self.evictions.get(name, 0) + 1

@@ -598,3 +598,20 @@ def test_a_load_listed_by_ps_while_under_way_still_teaches_its_time() -> None:
     assert facts.answered(CODER, NOW, 1500.0) is True
     assert facts.load_ms == {CODER: 1500.0}
     assert facts.loads == {CODER: 1}
+
+
+def test_a_model_that_finishes_yields_the_slot_to_a_load_waiting_for_it() -> None:
+    """On a one-model GPU an agent's load and a chat request began before the slots were
+    known. When the agent's answer comes, the chat model is still waiting for room: it is
+    not what the agent's load evicted, and once the agent is idle, Ollama evicts the
+    agent for it. The next agent request must not see the agent as loaded there."""
+    facts = ResidencyFacts("gpu", None, lambda: None)
+    facts.sync([_ps(EMBED, "2999-01-01T00:00:00Z")], None)
+    facts.started(CODER)
+    facts.started(CHAT)
+    facts.set_capacity_sources(1)  # learned meanwhile (here: the unit's setting)
+    facts.answered(CODER, NOW, 3000.0)
+    assert facts.resident is not None and {CODER, CHAT} <= set(facts.resident)
+    facts.finished(CODER)
+    assert set(facts.resident) == {CHAT}
+    assert facts.evictions == {EMBED: 1, CODER: 1}
