@@ -50,7 +50,20 @@ def _tags() -> bytes:
 
 
 TAGS = _tags()
-PS = b'{"models":[]}'
+SIZES = dict(MODELS)
+
+
+def _ps(loaded: set[str]) -> bytes:
+    """/api/ps as Ollama answers it once the models served stay loaded (the default
+    keep-alive): each listed with its size, context and an expiry ahead. Listing none
+    would tell a router every answer loaded its model anew (keep_alive 0)."""
+    expires = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime(time.time() + 86400))
+    models = [
+        {"name": name, "model": name, "size": SIZES[name], "digest": DIGEST, "details": {},
+         "expires_at": expires, "size_vram": SIZES[name], "context_length": 4096}
+        for name in sorted(loaded)
+    ]
+    return msgspec.json.encode({"models": models})
 
 
 class Options(msgspec.Struct):
@@ -104,6 +117,16 @@ class Server:
         self.tokens = tokens
         self.token_delay = token_delay
         self.requests = 0
+        self.loaded: set[str] = set()  # models served, as Ollama keeps them loaded
+        self.ps = _ps(self.loaded)
+
+    def serve(self, model: str) -> None:
+        if model not in self.loaded:
+            name = model if ":" in model else f"{model}:latest"
+            if name in SIZES:
+                self.loaded.add(model)
+                self.loaded.add(name)
+                self.ps = _ps(self.loaded & SIZES.keys())
 
 
 class Conn(asyncio.Protocol):
@@ -185,7 +208,7 @@ class Conn(asyncio.Protocol):
             if path == "/api/tags":
                 return self._send_simple(200, TAGS)
             if path == "/api/ps":
-                return self._send_simple(200, PS)
+                return self._send_simple(200, srv.ps)
             if path == "/":
                 return self._send_simple(200, b"Ollama is running", b"text/plain; charset=utf-8")
             return self._send_simple(404, b"404 page not found", b"text/plain")
@@ -213,6 +236,7 @@ class Conn(asyncio.Protocol):
                 elif key == "bench:gap":
                     gap = float(value)
         self.gap = gap
+        srv.serve(req.model or "llama3.2")
         model = _enc(req.model or "llama3.2")
         if path == "/v1/chat/completions":
             return self._openai(model, n, req.stream, delay)

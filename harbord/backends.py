@@ -169,8 +169,9 @@ class Backend:
     @property
     def generation(self) -> int:
         """Changes when anything the policy reads here changes, but the load (in flight,
-        queued: read with it), service times and the last use of resident models; two
-        counters that only grow, so their sum changes whenever either does."""
+        queued), the models running (read beside it), service times and the last use of
+        resident models; two counters that only grow, so their sum changes whenever
+        either does."""
         return self._rebuilt + self.residency.generation
 
     def changed(self) -> None:

@@ -69,9 +69,10 @@ class ResidencyFacts:
         # Model -> when it last answered here, and the other models loaded since.
         self._last_answer: dict[str, float] = {}
         self._since: dict[str, set[str]] = {}
-        # Bumped when what the policy reads here changes (resident models, which run,
-        # load times), but not by the last use of a resident model: the scheduler
-        # reuses a plan only while this stays the same (Scheduler.place).
+        # Bumped when what the policy reads here changes (resident models, load times),
+        # but not by the last use of a resident model, nor by which models run (the
+        # scheduler reads `running` itself): it reuses a plan only while this stays
+        # the same (Scheduler.place).
         self.generation = 0
 
     def started(self, model: str | None) -> None:
@@ -79,10 +80,7 @@ class ResidencyFacts:
         being loaded now, and the next plan must see it (and what it evicts) so."""
         if model is None:
             return
-        running = self.running.get(model, 0)
-        self.running[model] = running + 1
-        if not running:
-            self.generation += 1
+        self.running[model] = self.running.get(model, 0) + 1
         resident, now = self.resident, time.time()
         if resident is not None:
             entry = resident.get(model)
@@ -100,7 +98,6 @@ class ResidencyFacts:
                 self.running[model] = left
             else:
                 self.running.pop(model, None)
-                self.generation += 1
                 self._make_room_for_waiting(time.time())
 
     def requested(self, model: str) -> None:

@@ -225,11 +225,13 @@ class Scheduler:
     def _plan_key(self, request: RouteRequest) -> tuple[object, ...]:
         """What a plan is made of, but the clock, service times and usage: the request,
         the configuration, pins and affinity (StateStore.generation), and per backend
-        its facts (Backend.generation) and its load."""
+        its facts (Backend.generation), its load and the models running there. Values
+        that come back (a load of 3, one model running) make the same key again."""
         key: list[object] = [request, self._configured, self.state.generation]
         for backend in self.backends.values():
             limiter = backend.limiter
-            key += (backend.generation, limiter.active, limiter.queued)
+            key += (backend.generation, limiter.active, limiter.queued, *backend.residency.running)
+            key.append(None)  # where one backend's running models end
         return tuple(key)
 
     def preview(self, request: RouteRequest) -> Plan:
