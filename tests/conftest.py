@@ -88,3 +88,6 @@ async def serve() -> AsyncIterator[Serve]:
     for server in servers:
         assert server.server is not None
         server.server.close()
+        for task in server.handlers:
+            task.cancel()
+        await asyncio.gather(*server.handlers, return_exceptions=True)

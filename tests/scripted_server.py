@@ -24,9 +24,15 @@ class Server:
         self.connections = 0
         self.closed = asyncio.Event()
         self.server: asyncio.Server | None = None
+        # Handlers still running when the test ends (one sleeping past the answer): the
+        # fixture cancels them while the loop runs, not the garbage collector after.
+        self.handlers: set[asyncio.Task[None]] = set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)  # type: ignore[arg-type]
         try:
             await self.handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
