@@ -98,7 +98,7 @@ class ResidencyFacts:
                 self.running[model] = left
             else:
                 self.running.pop(model, None)
-                self._make_room_for_waiting(time.time())
+                self._make_room_for_waiting()
 
     def requested(self, model: str) -> None:
         """A request asked for `model`: the user's earlier unload no longer holds."""
@@ -221,7 +221,7 @@ class ResidencyFacts:
             if name != but and self.running.get(name) and name not in self._listed
         }
 
-    def _make_room_for_waiting(self, now: float) -> None:
+    def _make_room_for_waiting(self) -> None:
         """A model went idle here: if loads wait for room and more models are taken as
         resident than the backend holds, Ollama evicts idle ones, least recently used
         first, for them (the model that just finished, on a one-model GPU)."""
@@ -234,6 +234,7 @@ class ResidencyFacts:
         idle = sorted(
             (n for n in resident if not self.running.get(n)), key=lambda n: resident[n].last_used
         )
+        now = time.time()
         for name in idle[:excess]:
             del resident[name]
             self._evicted(name, now)
@@ -271,10 +272,7 @@ class ResidencyFacts:
         left = [
             name
             for name, old in self._listed.items()
-            if name not in listed
-            and old.expires is not None
-            and old.expires > now + 1
-            and name not in self.unloaded_by_user
+            if name not in listed and self._left_early(name, old, now)
         ]
         if left:
             if self._reference is None:
@@ -290,6 +288,12 @@ class ResidencyFacts:
         self._reference, self._left = None, set()
         if learned is not None:
             self._learn(learned)
+
+    def _left_early(self, name: str, last_seen: Resident, now: float) -> bool:
+        """Whether a model no longer there left before its time, and not by the user's
+        own unload: an eviction."""
+        expires = last_seen.expires
+        return expires is not None and expires > now + 1 and name not in self.unloaded_by_user
 
     def _learn(self, learned: int) -> None:
         if learned != self.learned_max_loaded:
@@ -326,14 +330,9 @@ class ResidencyFacts:
         evicted = [
             name
             for name, old in before.items()
-            # Left before its time, having been seen in /api/ps (an answer alone, as with
-            # keep_alive 0, never counts: it may have been unloaded on purpose), and not
-            # by the user's own unload.
-            if name not in fresh
-            and old.size
-            and old.expires is not None
-            and old.expires > now + 1
-            and name not in self.unloaded_by_user
+            # Having been seen in /api/ps (an answer alone, as with keep_alive 0, never
+            # counts: it may have been unloaded on purpose).
+            if name not in fresh and old.size and self._left_early(name, old, now)
         ]
         for name in evicted:
             self._evicted(name, now)
